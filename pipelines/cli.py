@@ -1,0 +1,125 @@
+"""`uniadc`: the command line. One command per DVC stage, plus demo data, push and predict.
+
+Commands import their stage lazily so `uniadc --help` stays instant. Bad input surfaces as an
+`InputError`, caught here once: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipelines.errors import InputError
+
+PARAMS_OPTION = click.option(
+    "--params", "params_path", default="params.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="params.yaml to read the settings from.",
+)
+SET_OPTION = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a param, e.g. --set synthesis.images_per_type=10 (YAML value). Repeatable.",
+)
+
+
+def _params(params_path: str, overrides: tuple[str, ...]):
+    import yaml
+
+    from pipelines.config import load_params
+
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return load_params(params_path, parsed)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="uniadc")
+def cli() -> None:
+    """Synthesize labelled anomalies and train a unified anomaly detector + classifier (UniADC)."""
+
+
+@cli.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False), default="data/demo")
+@click.option("--seed", default=0, show_default=True, help="Seed of the procedural generator.")
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+def demo_data(out: str, seed: int, size: int) -> None:
+    """Write the built-in procedural demo dataset (MVTec AD layout) to OUT."""
+    from pipelines.demo_data import generate_demo_dataset
+
+    root = generate_demo_dataset(Path(out), seed=seed, size=size)
+    click.echo(f"demo dataset written to {root}")
+
+
+@cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--out", default="data/prepared", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for manifest.json.")
+def prepare(params_path: str, overrides: tuple[str, ...], out: str) -> None:
+    """Pick the shots and the test set from the source data (params `data:`) into a manifest."""
+    from pipelines.prepare import prepare_manifest
+
+    params = _params(params_path, overrides)
+    d = params.data
+    manifest = prepare_manifest(
+        d.root, layout=d.layout, category=d.category, anomaly_types=d.anomaly_types,
+        k_normal=d.k_normal, k_anomaly=d.k_anomaly,
+    )
+    path = Path(out) / "manifest.json"
+    manifest.save(path)
+    click.echo(
+        f"{path}: category {manifest.category}, types {', '.join(manifest.anomaly_types)}; "
+        f"{len(manifest.normal_shots)} normal + {len(manifest.anomaly_shots)} anomalous shots, "
+        f"{len(manifest.test)} test images"
+    )
+
+
+@cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--out", default="data/synthetic", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the frozen dataset (Parquet shards + README.md card).")
+def synthesize(params_path: str, overrides: tuple[str, ...], manifest_path: str, out: str) -> None:
+    """Render the synthetic anomaly dataset (resumable; run under `accelerate launch` for many processes)."""
+    from pipelines.synthesize import run_synthesize
+
+    params = _params(params_path, overrides)
+    run_synthesize(manifest_path, out, params.synthesis, image_size=params.image_size, global_seed=params.seed)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--dir", "dataset_dir", default="data/synthetic", show_default=True,
+              type=click.Path(file_okay=False), help="The frozen dataset to upload.")
+@click.option("--private", is_flag=True, help="Create the Hub repository as private.")
+def push(repo_id: str, dataset_dir: str, private: bool) -> None:
+    """Upload the frozen dataset to the Hugging Face Hub as REPO_ID (token from HF_TOKEN)."""
+    from pipelines.synthesize import push_dataset
+
+    url = push_dataset(dataset_dir, repo_id, private=private)
+    click.echo(f"pushed {dataset_dir} to {url}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
