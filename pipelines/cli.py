@@ -62,9 +62,9 @@ def demo_data(out: str, seed: int, size: int) -> None:
               help="Folder for manifest.json.")
 def prepare(params_path: str, overrides: tuple[str, ...], out: str) -> None:
     """Pick the shots and the test set from the source data (params `data:`) into a manifest."""
+    params = _params(params_path, overrides)
     from pipelines.prepare import prepare_manifest
 
-    params = _params(params_path, overrides)
     d = params.data
     manifest = prepare_manifest(
         d.root, layout=d.layout, category=d.category, anomaly_types=d.anomaly_types,
@@ -105,6 +105,53 @@ def push(repo_id: str, dataset_dir: str, private: bool) -> None:
 
     url = push_dataset(dataset_dir, repo_id, private=private)
     click.echo(f"pushed {dataset_dir} to {url}")
+
+
+@cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--dataset", "dataset_dir", default="data/synthetic", show_default=True,
+              type=click.Path(file_okay=False), help="The frozen synthetic dataset.")
+@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Manifest with the real normal (and anomaly) shots.")
+@click.option("--out", default="models/discriminator", show_default=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder (config.json + model.safetensors).")
+def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manifest_path: str, out: str) -> None:
+    """Train the discriminator from the frozen dataset and the real shots only."""
+    from pipelines.train import run_train
+
+    run_train(_params(params_path, overrides), dataset_dir, manifest_path, out)
+
+
+@cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--model", "model_dir", default="models/discriminator", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for metrics.json, plots/ and the figures.")
+def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manifest_path: str, out: str) -> None:
+    """Score the manifest's real test set: metrics, curves, confusion matrix, overlays."""
+    from pipelines.evaluate import run_evaluate
+
+    run_evaluate(_params(params_path, overrides), model_dir, manifest_path, out)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for overlay PNGs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+def predict(images: tuple[str, ...], model_dir: str, out: str | None, device: str) -> None:
+    """Score IMAGES: one JSON line per image (score, decision, type, overlay path)."""
+    import json
+
+    from pipelines.predict import run_predict
+
+    for record in run_predict(list(images), model_dir, out_dir=out, device=device):
+        click.echo(json.dumps(record))
 
 
 def main() -> None:

@@ -1,0 +1,297 @@
+"""The frozen dataset: the only contract between the synthesis and the training halves.
+
+One row per synthetic image. The `datasets.Features` are declared once (`dataset_features`) and
+drive the Parquet schema of every shard (with the features in the schema metadata, as `datasets`
+writes them) and the YAML of the dataset card, so `datasets.load_dataset(<dir>)` returns typed
+`Image` / `ClassLabel` columns and the Hub viewer shows the same thing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+
+from pipelines.errors import InputError
+from pipelines.manifest import write_text_atomic
+
+DATA_DIR = "data"
+CARD_NAME = "README.md"
+SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+LICENSE = "other"  # inherits the licence of the source images, which we cannot know
+TAGS = ["anomaly-detection", "synthetic", "industrial-inspection", "uniadc"]
+
+
+@dataclass
+class DatasetRow:
+    """One synthetic image and how it was made (the row of the frozen dataset)."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    mask: np.ndarray  # (H, W) bool
+    label: int  # index into the anomaly types (normal excluded)
+    category: str
+    source_id: str  # the normal image it was painted on
+    prompt: str
+    strength: float
+    backend: str
+    seed: int
+    score: float  # selection score of the kept candidate
+    task_id: str  # stable; the resume key
+
+
+@dataclass
+class DatasetSummary:
+    num_rows: int
+    num_shards: int
+    class_names: list[str]
+    counts: dict[str, int]  # rows per anomaly type, in class order
+
+
+@dataclass
+class CardInfo:
+    """What the dataset card says about how the dataset was made."""
+
+    category: str
+    class_names: list[str]
+    backend: str
+    global_seed: int
+    counts: dict[str, int]
+    params: dict = field(default_factory=dict)  # the synthesis settings used
+    model_id: str | None = None
+    model_revision: str | None = None
+
+
+def dataset_features(class_names: Sequence[str]) -> datasets.Features:
+    """The schema of the frozen dataset; `class_names` are the anomaly types (no normal)."""
+    if not class_names:
+        raise ValueError("the dataset needs at least one anomaly type")
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "mask": datasets.Image(),
+            "label": datasets.ClassLabel(names=list(class_names)),
+            "category": datasets.Value("string"),
+            "source_id": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "strength": datasets.Value("float32"),
+            "backend": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+            "score": datasets.Value("float32"),
+            "task_id": datasets.Value("string"),
+        }
+    )
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"train-{index:05d}-of-{total:05d}.parquet"
+
+
+def shard_path(out_dir: str | Path, index: int, total: int) -> Path:
+    return Path(out_dir) / DATA_DIR / shard_name(index, total)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Lossless PNG; masks (bool) are stored as L with 0/255 so any viewer shows them."""
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rows_to_table(rows: Sequence[DatasetRow], features: datasets.Features) -> pa.Table:
+    columns = {
+        "image": [{"bytes": png_bytes(r.image), "path": None} for r in rows],
+        "mask": [{"bytes": png_bytes(r.mask.astype(bool)), "path": None} for r in rows],
+        "label": [int(r.label) for r in rows],
+        "category": [r.category for r in rows],
+        "source_id": [r.source_id for r in rows],
+        "prompt": [r.prompt for r in rows],
+        "strength": [float(r.strength) for r in rows],
+        "backend": [r.backend for r in rows],
+        "seed": [int(r.seed) for r in rows],
+        "score": [float(r.score) for r in rows],
+        "task_id": [r.task_id for r in rows],
+    }
+    return pa.Table.from_pydict(columns, schema=features.arrow_schema)
+
+
+def write_shard(rows: Sequence[DatasetRow], path: str | Path, features: datasets.Features) -> None:
+    """Write one Parquet shard atomically: a crash leaves either the whole shard or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = rows_to_table(rows, features)
+    # hidden temp name: neither the `data/train-*` glob nor `datasets` ever picks it up
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
+    """Delete temp files a crashed writer left behind; returns what was removed."""
+    stale = sorted((Path(out_dir) / DATA_DIR).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def list_shards(out_dir: str | Path) -> list[Path]:
+    data = Path(out_dir) / DATA_DIR
+    return sorted(p for p in data.glob("train-*.parquet") if SHARD_PATTERN.match(p.name)) if data.is_dir() else []
+
+
+def _features_of(path: Path) -> datasets.Features:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable Parquet shard ({exc})", path) from None
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta is None:
+        raise InputError("Parquet shard has no `datasets` features in its schema metadata", path)
+    return datasets.Features.from_dict(json.loads(meta)["info"]["features"])
+
+
+def validate_dataset(out_dir: str | Path) -> DatasetSummary:
+    """Check a finished dataset: every shard present, one schema, each task id once."""
+    out_dir = Path(out_dir)
+    shards = list_shards(out_dir)
+    if not shards:
+        raise InputError("no shards `data/train-XXXXX-of-YYYYY.parquet`; run `uniadc synthesize` first", out_dir)
+    totals = {int(SHARD_PATTERN.match(p.name).group(2)) for p in shards}
+    if len(totals) != 1:
+        raise InputError(f"shards from different runs are mixed (totals {sorted(totals)})", out_dir / DATA_DIR)
+    total = totals.pop()
+    missing = sorted(set(range(total)) - {int(SHARD_PATTERN.match(p.name).group(1)) for p in shards})
+    if missing:
+        raise InputError(f"{len(missing)} of {total} shards missing (first: {shard_name(missing[0], total)})", out_dir)
+
+    features = _features_of(shards[0])
+    label = features.get("label")
+    if not isinstance(label, datasets.ClassLabel):
+        raise InputError("column `label` is not a ClassLabel", shards[0])
+    expected = dataset_features(label.names)
+    seen: set[str] = set()
+    counts: Counter[int] = Counter()
+    for path in shards:
+        if _features_of(path) != expected:
+            raise InputError("schema differs from the frozen dataset schema", path)
+        columns = pq.read_table(path, columns=["task_id", "label"]).to_pydict()
+        for task_id in columns["task_id"]:
+            if task_id in seen:
+                raise InputError(f"duplicate task id {task_id!r}", path)
+            seen.add(task_id)
+        counts.update(columns["label"])
+    return DatasetSummary(
+        num_rows=len(seen),
+        num_shards=total,
+        class_names=list(label.names),
+        counts={name: counts.get(i, 0) for i, name in enumerate(label.names)},
+    )
+
+
+def card_yaml(info: CardInfo) -> dict:
+    """The card's front matter: what `datasets` and the Hub read to load and show the data."""
+    features = dataset_features(info.class_names)
+    return {
+        "license": LICENSE,
+        "task_categories": ["image-segmentation", "image-classification"],
+        "tags": TAGS,
+        "pretty_name": f"UniADC synthetic anomalies: {info.category}",
+        "size_categories": [_size_category(sum(info.counts.values()))],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/train-*"}]}],
+        # as `datasets` itself writes it on push_to_hub; no `splits`, whose num_bytes we do not know
+        "dataset_info": datasets.DatasetInfo(features=features)._to_yaml_dict(),
+    }
+
+
+def _size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
+        if n < bound:
+            return name
+    return "100K<n<1M"
+
+
+def card_text(info: CardInfo) -> str:
+    front = yaml.safe_dump(card_yaml(info), sort_keys=False)
+    model = f"`{info.model_id}`" + (f" (revision `{info.model_revision}`)" if info.model_revision else "")
+    counts = "\n".join(f"| {name} | {info.counts.get(name, 0)} |" for name in info.class_names)
+    lines = [
+        "---",
+        front.rstrip(),
+        "---",
+        "",
+        f"# UniADC synthetic anomalies: {info.category}",
+        "",
+        f"Synthetic anomalies painted on normal images of `{info.category}` by `uniadc synthesize`",
+        "(a re-implementation of UniADC, arXiv 2511.06644). Each row is one image with its pixel mask",
+        "(L, 0/255), its anomaly type (`label`), the normal image it was painted on (`source_id`),",
+        "the prompt, the strength and selection score of the kept candidate, and a stable `task_id`.",
+        "",
+        "## How it was made",
+        "",
+        f"- backend: `{info.backend}`" + (f", model {model}" if info.model_id else ""),
+        f"- global seed: {info.global_seed} (each row's `seed` is derived from it and the task id)",
+        "",
+        "| anomaly type | images |",
+        "|---|---|",
+        counts,
+        "",
+        "Synthesis parameters:",
+        "",
+        "```yaml",
+        yaml.safe_dump(info.params, sort_keys=True).rstrip(),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import datasets",
+        'ds = datasets.load_dataset("<this repo or folder>", split="train")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(out_dir: str | Path, info: CardInfo) -> Path:
+    path = Path(out_dir) / CARD_NAME
+    write_text_atomic(path, card_text(info))
+    return path
+
+
+def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the card and shards (nothing else) to a Hub dataset repo; returns the commit URL."""
+    from huggingface_hub import HfApi  # the only network-facing import; kept out of module import
+
+    out_dir = Path(out_dir)
+    validate_dataset(out_dir)
+    if not (out_dir / CARD_NAME).is_file():
+        raise InputError("dataset card README.md missing; the synthesize stage did not finish", out_dir)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(out_dir),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=[CARD_NAME, f"{DATA_DIR}/train-*.parquet"],
+        commit_message="Upload UniADC synthetic dataset",
+    )
+    return str(getattr(commit, "commit_url", commit))
