@@ -1,0 +1,1 @@
+"""Test-only helpers: dummy datasets and bad-input makers (see data.py)."""

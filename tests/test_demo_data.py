@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.demo_data import DEFECTS, generate_demo_dataset
+from pipelines.images import read_sample
+from pipelines.prepare import prepare_manifest
+from pipelines.sources import read_source
+
+SMALL = dict(size=64, n_train=2, n_test_good=2, n_per_type=2)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = _files(generate_demo_dataset(tmp_path / "a", seed=3, **SMALL))
+    b = _files(generate_demo_dataset(tmp_path / "b", seed=3, **SMALL))
+    c = _files(generate_demo_dataset(tmp_path / "c", seed=4, **SMALL))
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+    assert len(a) == 2 + 2 + 4 * 2 * 2  # images + masks
+
+
+def test_counts_do_not_shift_other_images(tmp_path):
+    small = _files(generate_demo_dataset(tmp_path / "a", **SMALL))
+    more = _files(generate_demo_dataset(tmp_path / "b", **{**SMALL, "n_per_type": 3}))
+    assert all(more[name] == content for name, content in small.items())
+
+
+def test_reads_as_mvtec_with_visible_defects(tmp_path):
+    folder = generate_demo_dataset(tmp_path, **SMALL)
+    source = read_source(tmp_path)
+    assert (source.layout, source.category) == ("mvtec", folder.name)
+    assert source.anomaly_types == sorted(DEFECTS)
+    for anomaly_type in source.anomaly_types:
+        for sample in source.samples[anomaly_type]:
+            image, mask = read_sample(sample)
+            assert image.shape == (64, 64, 3) and 0 < mask.sum() < 0.2 * mask.size
+            # the defect changes the pixels under its mask: they stand out from the rest
+            inside, outside = image[mask].mean(axis=0), image[~mask].mean(axis=0)
+            assert np.abs(inside - outside).max() > 15, anomaly_type
+    manifest = prepare_manifest(tmp_path, k_normal=2, k_anomaly=1)
+    assert len(manifest.anomaly_shots) == 4 and len(manifest.test) == 2 + 4
+
+
+def test_rerun_replaces_the_folder_cleanly(tmp_path):
+    generate_demo_dataset(tmp_path, seed=0, **{**SMALL, "n_per_type": 3})
+    folder = generate_demo_dataset(tmp_path, seed=1, **SMALL)
+    assert not (folder / "test" / "crack" / "002.png").exists()  # no leftovers from the first run
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp folders left
