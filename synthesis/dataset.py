@@ -8,7 +8,6 @@ writes them) and the YAML of the dataset card, so `datasets.load_dataset(<dir>)`
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -23,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from PIL import Image
 
 from pipelines.errors import InputError
+from pipelines.images import encode_png
 from pipelines.manifest import write_text_atomic
 
 DATA_DIR = "data"
@@ -103,19 +102,11 @@ def shard_path(out_dir: str | Path, index: int, total: int) -> Path:
     return Path(out_dir) / DATA_DIR / shard_name(index, total)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """Lossless PNG; masks (bool) are stored as L with 0/255 so any viewer shows them."""
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def rows_to_table(rows: Sequence[DatasetRow], features: datasets.Features) -> pa.Table:
     columns = {
-        "image": [{"bytes": png_bytes(r.image), "path": None} for r in rows],
-        "mask": [{"bytes": png_bytes(r.mask.astype(bool)), "path": None} for r in rows],
+        "image": [{"bytes": encode_png(r.image), "path": None} for r in rows],
+        # bool → L 0/255, so any image viewer shows the mask
+        "mask": [{"bytes": encode_png(np.asarray(r.mask, dtype=bool)), "path": None} for r in rows],
         "label": [int(r.label) for r in rows],
         "category": [r.category for r in rows],
         "source_id": [r.source_id for r in rows],

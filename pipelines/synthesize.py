@@ -1,0 +1,125 @@
+"""The `synthesize` stage: manifest → frozen dataset (Parquet shards + card).
+
+Reads as steps: load the manifest, read the shots at the working size, build the backend and the
+scorers, render this process's share, wait for every process, and let the main one finalise.
+`accelerate launch --multi_gpu --num_processes N uniadc synthesize ...` (or `torchrun
+--nproc_per_node N`) splits the shards over N processes, on GPUs or, without CUDA, on CPU cores;
+a plain run is one process. Rerunning resumes where a crash stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from pipelines.errors import InputError
+from pipelines.images import read_image, read_sample
+from pipelines.manifest import Manifest, Sample
+from synthesis.backends.base import PaintBackend
+from synthesis.config import SynthesisConfig
+from synthesis.dataset import DatasetSummary, push_to_hub
+from synthesis.foreground import make_foreground
+from synthesis.render import RenderInputs, finalize, prompt_choices, render
+from synthesis.selection import CandidateScorer
+
+BackendFactory = Callable[[SynthesisConfig], PaintBackend]
+
+
+def source_id(sample: Sample, root: str | None) -> str:
+    """The sample's path relative to the data root, so no machine's absolute paths enter the dataset."""
+    path = Path(sample.path)
+    if root:
+        try:
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def load_inputs(manifest: Manifest, image_size: int) -> RenderInputs:
+    """Normal and anomaly shots of the manifest at the working size (masks resized with them)."""
+    root = manifest.source.get("root")
+    normals = [(source_id(s, root), read_image(s.path, image_size)) for s in manifest.normal_shots]
+    shots = []
+    for sample in manifest.anomaly_shots:
+        if not sample.mask_path:
+            raise InputError(f"anomaly shot of type {sample.anomaly_type!r} has no mask file", sample.path)
+        image, mask = read_sample(sample, image_size)  # mask checked against the image, then resized with it
+        if not mask.any():
+            raise InputError("anomaly mask is empty at the working size", sample.mask_path)
+        shots.append((sample.anomaly_type, image, mask))
+    return RenderInputs(
+        category=manifest.category,
+        class_names=list(manifest.anomaly_types),
+        normal_images=normals,
+        anomaly_shots=shots,
+    )
+
+
+def build_backend(config: SynthesisConfig) -> PaintBackend:
+    if config.backend == "classical":
+        from synthesis.backends.classical import ClassicalBackend
+
+        return ClassicalBackend(recipes=config.recipes, candidates_per_strength=config.candidates)
+    if config.backend == "diffusion":
+        from synthesis.backends.diffusion import DiffusionBackend  # heavy: only when asked for
+
+        return DiffusionBackend.from_config(config.diffusion, candidates=config.candidates)
+    raise InputError(f"unknown synthesis.backend {config.backend!r} (known: classical, diffusion)")
+
+
+def build_zero_shot_scorer(config: SynthesisConfig, inputs: RenderInputs) -> CandidateScorer | None:
+    """CLIP region-vs-text when a model is configured; None lets the renderer use visibility."""
+    if not config.selection.clip_model:
+        return None
+    from synthesis.clip_scoring import ClipRegionScorer  # loads transformers: only when asked for
+
+    return ClipRegionScorer(
+        config.selection.clip_model,
+        {t: prompt_choices(config, inputs.category, t) for t in inputs.class_names},
+        inputs.category,
+        local_files_only=config.selection.local_files_only,
+    )
+
+
+def run_synthesize(
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    config: SynthesisConfig,
+    image_size: int,
+    global_seed: int,
+    backend_factory: BackendFactory | None = None,
+) -> DatasetSummary | None:
+    """Render this process's share; the main process returns the finished dataset's summary."""
+    import torch
+    from accelerate import PartialState  # initialises torch.distributed under `accelerate launch`
+
+    # cpu=True is what lets N launched processes without CUDA join one gloo group; only rank,
+    # world size and the barrier are used here, never the device
+    state = PartialState(cpu=not torch.cuda.is_available())
+    manifest = Manifest.load(manifest_path)
+    if not manifest.anomaly_types:
+        raise InputError("manifest lists no anomaly types to synthesize", manifest_path)
+    inputs = load_inputs(manifest, image_size)
+    backend = (backend_factory or build_backend)(config)
+    render(
+        inputs,
+        config,
+        backend,
+        out_dir,
+        global_seed=global_seed,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        zero_shot_scorer=build_zero_shot_scorer(config, inputs),
+        foreground=make_foreground(config.foreground),
+        barrier=state.wait_for_everyone,
+        progress=state.is_main_process,
+    )
+    state.wait_for_everyone()
+    return finalize(out_dir) if state.is_main_process else None
+
+
+def push_dataset(out_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a finished dataset; the token comes from HF_TOKEN (or the cached login when unset)."""
+    return push_to_hub(out_dir, repo_id, private=private, token=os.environ.get("HF_TOKEN"))

@@ -1,0 +1,416 @@
+"""Plan the synthesis job and render this process's share of it, shard by shard, resumably.
+
+The plan is a list of tasks with stable ids and seeds. It is cut into consecutive chunks of
+`shard_size` tasks; chunk i becomes `data/train-{i:05d}-of-{n:05d}.parquet` and is rendered by rank
+i % world_size. Every random choice of a task draws from `numpy_rng(task.seed)`, so the dataset is
+the same bytes whatever the number of processes or the batch size; a rerun skips chunks whose shard
+exists, and a crash loses at most the chunk in flight. `render_state.json` fingerprints the plan and
+settings so a changed job starts fresh instead of mixing old and new shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipelines.errors import InputError
+from pipelines.manifest import write_text_atomic
+from synthesis.backends.base import PaintBackend, PaintRequest
+from synthesis.config import SynthesisConfig
+from synthesis.dataset import (
+    CARD_NAME,
+    CardInfo,
+    DatasetRow,
+    DatasetSummary,
+    dataset_features,
+    list_shards,
+    remove_stale_temp_files,
+    shard_path,
+    validate_dataset,
+    write_card,
+    write_shard,
+)
+from synthesis.foreground import ForegroundFn, classical_foreground
+from synthesis.priors import PriorLibrary, PriorSpec, default_priors_for, parse_priors
+from synthesis.regions import augment_region, cut_regions, place_region
+from synthesis.seeding import derive_seed, numpy_rng
+from synthesis.selection import CandidateScorer, ReferenceSSIMScorer, VisibilityScorer, select_best
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "render_state.json"
+Mode = Literal["zero_shot", "few_shot"]
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    task_id: str  # stable; the resume key
+    index: int  # position in the plan
+    anomaly_type: str
+    label: int  # index into the anomaly types (normal excluded)
+    mode: Mode
+    seed: int
+
+
+@dataclass
+class RenderInputs:
+    """Everything the renderer paints from, already at the working size."""
+
+    category: str
+    class_names: list[str]  # the anomaly types in label order (normal excluded)
+    normal_images: list[tuple[str, np.ndarray]]  # (source id, (H, W, 3) uint8 RGB)
+    anomaly_shots: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)  # (type, image, bool mask)
+
+    @property
+    def few_shot_types(self) -> list[str]:
+        with_shots = {t for t, _, _ in self.anomaly_shots}
+        return [t for t in self.class_names if t in with_shots]
+
+
+@dataclass
+class RenderReport:
+    rank: int
+    world_size: int
+    num_shards: int
+    written: list[int]  # shard indices rendered by this call
+    skipped: list[int]  # shard indices of this rank already on disk
+    rows_written: int
+    fresh_start: bool  # an older, different job's output was discarded
+
+
+def plan_tasks(
+    anomaly_types: Sequence[str],
+    images_per_type: int,
+    few_shot_types: Sequence[str],
+    few_shot_fraction: float,
+    global_seed: int,
+) -> list[RenderTask]:
+    """The whole job, deterministic. Types interleave so every shard mixes them.
+
+    Of a type with real shots, task i is few-shot when floor((i+1)·f) > floor(i·f): the share is
+    exactly f, spread evenly, with no random draw.
+    """
+    if images_per_type < 0 or not 0.0 <= few_shot_fraction <= 1.0:
+        raise InputError(
+            f"need images_per_type >= 0 and 0 <= few_shot_fraction <= 1, got {images_per_type}, {few_shot_fraction}"
+        )
+    few = set(few_shot_types)
+    tasks: list[RenderTask] = []
+    for i in range(images_per_type):
+        for label, anomaly_type in enumerate(anomaly_types):
+            is_few = anomaly_type in few and int((i + 1) * few_shot_fraction) > int(i * few_shot_fraction)
+            task_id = f"{anomaly_type}-{i:05d}"
+            tasks.append(
+                RenderTask(
+                    task_id=task_id,
+                    index=len(tasks),
+                    anomaly_type=anomaly_type,
+                    label=label,
+                    mode="few_shot" if is_few else "zero_shot",
+                    seed=derive_seed(global_seed, task_id),
+                )
+            )
+    return tasks
+
+
+def chunk_tasks(tasks: Sequence[RenderTask], shard_size: int) -> list[list[RenderTask]]:
+    if shard_size < 1:
+        raise InputError(f"shard_size must be >= 1, got {shard_size}")
+    return [list(tasks[i : i + shard_size]) for i in range(0, len(tasks), shard_size)]
+
+
+def shards_of_rank(num_shards: int, rank: int, world_size: int) -> list[int]:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return list(range(rank, num_shards, world_size))
+
+
+def prompt_choices(config: SynthesisConfig, category: str, anomaly_type: str) -> list[str]:
+    return config.prompts.get(anomaly_type) or [f"a photo of a {category} with a {anomaly_type.replace('_', ' ')}"]
+
+
+def prior_names(config: SynthesisConfig, anomaly_type: str) -> list[str] | None:
+    """Configured prior names of a type; None means the library's default for it."""
+    return config.priors.get(anomaly_type) or config.priors.get("default")
+
+
+class RequestBuilder:
+    """Turns a task into a paint request; caches what is shared by many tasks (foregrounds, regions)."""
+
+    def __init__(self, inputs: RenderInputs, config: SynthesisConfig, foreground: ForegroundFn):
+        if not inputs.normal_images:
+            raise InputError("no normal images to paint on; the manifest needs normal shots")
+        self.inputs = inputs
+        self.config = config
+        self.foreground = foreground
+        self.priors = PriorLibrary()
+        self._foregrounds: dict[int, np.ndarray] = {}
+        self._regions: dict[int, list] = {}
+        self._specs: dict[str, list[PriorSpec]] = {}
+        self._shots_by_type: dict[str, list[int]] = {}
+        for i, (anomaly_type, _, _) in enumerate(inputs.anomaly_shots):
+            self._shots_by_type.setdefault(anomaly_type, []).append(i)
+
+    def foreground_of(self, index: int) -> np.ndarray:
+        if index not in self._foregrounds:
+            self._foregrounds[index] = self.foreground(self.inputs.normal_images[index][1])
+        return self._foregrounds[index]
+
+    def regions_of(self, shot: int) -> list:
+        if shot not in self._regions:
+            anomaly_type, image, mask = self.inputs.anomaly_shots[shot]
+            regions = cut_regions(image, mask)
+            if not regions:
+                raise InputError(f"anomaly shot #{shot} of type {anomaly_type!r} has an empty mask")
+            self._regions[shot] = regions
+        return self._regions[shot]
+
+    def prior_specs(self, anomaly_type: str) -> list[PriorSpec]:
+        if anomaly_type not in self._specs:
+            names = prior_names(self.config, anomaly_type) or default_priors_for(anomaly_type)
+            self._specs[anomaly_type] = parse_priors(names)
+        return self._specs[anomaly_type]
+
+    def build(self, task: RenderTask) -> tuple[str, PaintRequest]:
+        """(source id, request); the draw order below is part of the dataset's definition."""
+        rng = numpy_rng(task.seed)
+        source = int(rng.integers(len(self.inputs.normal_images)))
+        source_id, image = self.inputs.normal_images[source]
+        foreground = self.foreground_of(source)
+        prompts = prompt_choices(self.config, self.inputs.category, task.anomaly_type)
+        prompt = prompts[int(rng.integers(len(prompts)))]
+        reference = None
+        if task.mode == "few_shot":
+            shots = self._shots_by_type.get(task.anomaly_type)
+            if not shots:
+                raise ValueError(f"few-shot task {task.task_id} but no shot of type {task.anomaly_type!r}")
+            regions = self.regions_of(shots[int(rng.integers(len(shots)))])
+            patch = augment_region(regions[int(rng.integers(len(regions)))], rng)
+            reference, mask = place_region(patch, image, foreground, rng)
+        else:
+            mask = self.priors.sample(self.prior_specs(task.anomaly_type), foreground, rng)
+        request = PaintRequest(
+            image=image,
+            mask=np.asarray(mask, dtype=bool),
+            anomaly_type=task.anomaly_type,
+            prompt=prompt,
+            seed=task.seed,
+            negative_prompt=self.config.negative_prompt,
+            reference=reference,
+        )
+        return source_id, request
+
+
+def strengths_for(mode: Mode, config: SynthesisConfig) -> list[float]:
+    # the diffusion backend only harmonises a pasted real defect, so a low strength; classical
+    # candidates are cheap, so the full sweep either way
+    if mode == "few_shot" and config.backend == "diffusion":
+        return [config.diffusion.few_shot_strength]
+    return list(config.strengths)
+
+
+def render_chunk(
+    tasks: Sequence[RenderTask],
+    builder: RequestBuilder,
+    backend: PaintBackend,
+    scorers: dict[str, CandidateScorer],
+    config: SynthesisConfig,
+    on_task_done: Callable[[int], None] = lambda n: None,
+) -> list[DatasetRow]:
+    """Rows of one chunk in plan order. Batches never mix modes (they use different strengths)."""
+    built = [builder.build(task) for task in tasks]
+    rows: list[DatasetRow | None] = [None] * len(tasks)
+    batch_size = max(1, config.batch_size)
+    for mode in ("zero_shot", "few_shot"):
+        positions = [i for i, task in enumerate(tasks) if task.mode == mode]
+        for start in range(0, len(positions), batch_size):
+            batch = positions[start : start + batch_size]
+            requests = [built[i][1] for i in batch]
+            painted = backend.paint(requests, strengths_for(mode, config))
+            for i, request, candidates in zip(batch, requests, painted, strict=True):
+                best, score = select_best(candidates, scorers[mode].score(request, candidates))
+                task = tasks[i]
+                rows[i] = DatasetRow(
+                    image=best.image,
+                    mask=best.mask,
+                    label=task.label,
+                    category=builder.inputs.category,
+                    source_id=built[i][0],
+                    prompt=request.prompt,
+                    strength=best.strength,
+                    backend=backend.name,
+                    seed=task.seed,
+                    score=score,
+                    task_id=task.task_id,
+                )
+            on_task_done(len(batch))
+    return rows  # type: ignore[return-value]  # every position belongs to exactly one mode
+
+
+def _inputs_digest(inputs: RenderInputs) -> str:
+    digest = hashlib.sha256()
+    for source_id, image in inputs.normal_images:
+        digest.update(source_id.encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+    for anomaly_type, image, mask in inputs.anomaly_shots:
+        digest.update(anomaly_type.encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(np.ascontiguousarray(mask, dtype=bool).tobytes())
+    return digest.hexdigest()
+
+
+def render_state(
+    tasks: Sequence[RenderTask],
+    num_shards: int,
+    inputs: RenderInputs,
+    config: SynthesisConfig,
+    backend_name: str,
+    scorer_name: str,
+    global_seed: int,
+) -> dict:
+    """What the output directory records about the job; `fingerprint` covers all that shapes the rows."""
+    params = dataclasses.asdict(config)
+    shaping = {k: v for k, v in params.items() if k != "batch_size"}  # batch size never changes a row
+    plan = [(t.task_id, t.mode, t.seed) for t in tasks]
+    blob = json.dumps(
+        [plan, num_shards, inputs.category, inputs.class_names, shaping, backend_name, scorer_name, _inputs_digest(inputs)],
+        sort_keys=True,
+    )
+    return {
+        "fingerprint": hashlib.sha256(blob.encode()).hexdigest(),
+        "num_shards": num_shards,
+        "num_tasks": len(tasks),
+        "category": inputs.category,
+        "class_names": list(inputs.class_names),
+        "backend": backend_name,
+        "global_seed": int(global_seed),
+        "params": params,
+    }
+
+
+def read_state(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # unreadable state cannot vouch for the shards next to it: treated as a different job
+
+
+def prepare_output(out_dir: str | Path, state: dict) -> bool:
+    """Main process only, before any rank writes: clean up, then resume or start fresh.
+
+    Returns True when the output of a different job was discarded.
+    """
+    out_dir = Path(out_dir)
+    for stale in remove_stale_temp_files(out_dir):
+        log.info("removed stale temp file %s", stale)
+    previous = read_state(out_dir)
+    if previous is not None and previous.get("fingerprint") == state["fingerprint"]:
+        return False
+    old = list_shards(out_dir)
+    if old or previous is not None:
+        log.warning(
+            "%s holds output of a different synthesis job (plan or settings changed); starting fresh, removing %d shards",
+            out_dir,
+            len(old),
+        )
+    for path in [*old, out_dir / CARD_NAME]:
+        path.unlink(missing_ok=True)
+    write_text_atomic(out_dir / STATE_NAME, json.dumps(state, indent=1))
+    return bool(old or previous is not None)
+
+
+def render(
+    inputs: RenderInputs,
+    config: SynthesisConfig,
+    backend: PaintBackend,
+    out_dir: str | Path,
+    *,
+    global_seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    zero_shot_scorer: CandidateScorer | None = None,
+    foreground: ForegroundFn | None = None,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> RenderReport:
+    """Render this rank's missing shards. `barrier` syncs ranks after the main one prepared the output."""
+    out_dir = Path(out_dir)
+    zero_shot_scorer = zero_shot_scorer or VisibilityScorer()
+    tasks = plan_tasks(
+        inputs.class_names, config.images_per_type, inputs.few_shot_types, config.few_shot_fraction, global_seed
+    )
+    chunks = chunk_tasks(tasks, config.shard_size)
+    state = render_state(
+        tasks, len(chunks), inputs, config, backend.name, type(zero_shot_scorer).__name__, global_seed
+    )
+
+    fresh = prepare_output(out_dir, state) if rank == 0 else False
+    if barrier is not None:
+        barrier()
+    if rank != 0 and (read_state(out_dir) or {}).get("fingerprint") != state["fingerprint"]:
+        raise RuntimeError(f"rank {rank} planned a different job than the main process in {out_dir}")
+
+    mine = shards_of_rank(len(chunks), rank, world_size)
+    todo = [i for i in mine if not shard_path(out_dir, i, len(chunks)).exists()]
+    builder = RequestBuilder(inputs, config, foreground or classical_foreground)
+    scorers: dict[str, CandidateScorer] = {"zero_shot": zero_shot_scorer, "few_shot": ReferenceSSIMScorer()}
+    features = dataset_features(inputs.class_names)
+    rows_written = 0
+    with tqdm(
+        total=sum(len(chunks[i]) for i in todo), desc="synthesize", unit="img", disable=not progress or rank != 0
+    ) as bar:
+        for i in todo:
+            rows = render_chunk(chunks[i], builder, backend, scorers, config, on_task_done=bar.update)
+            write_shard(rows, shard_path(out_dir, i, len(chunks)), features)
+            rows_written += len(rows)
+    return RenderReport(
+        rank=rank,
+        world_size=world_size,
+        num_shards=len(chunks),
+        written=todo,
+        skipped=[i for i in mine if i not in todo],
+        rows_written=rows_written,
+        fresh_start=fresh,
+    )
+
+
+def finalize(out_dir: str | Path) -> DatasetSummary:
+    """Main process, after every rank finished: check the whole dataset and write its card."""
+    out_dir = Path(out_dir)
+    state = read_state(out_dir)
+    if state is None:
+        raise InputError(f"no {STATE_NAME}; this is not a synthesis output directory", out_dir)
+    summary = validate_dataset(out_dir)
+    if summary.num_shards != state["num_shards"] or summary.num_rows != state["num_tasks"]:
+        raise InputError(
+            f"incomplete: {summary.num_rows} of {state['num_tasks']} images in {summary.num_shards} of "
+            f"{state['num_shards']} shards; rerun `uniadc synthesize` to finish",
+            out_dir,
+        )
+    params = state["params"]
+    diffusion = params.get("diffusion", {}) if params.get("backend") == "diffusion" else {}
+    write_card(
+        out_dir,
+        CardInfo(
+            category=state["category"],
+            class_names=state["class_names"],
+            backend=state["backend"],
+            global_seed=state["global_seed"],
+            counts=summary.counts,
+            params=params,
+            model_id=diffusion.get("model"),
+            model_revision=diffusion.get("revision"),
+        ),
+    )
+    return summary
