@@ -167,10 +167,9 @@ class RequestBuilder:
     def regions_of(self, shot: int) -> list:
         if shot not in self._regions:
             anomaly_type, image, mask = self.inputs.anomaly_shots[shot]
-            regions = cut_regions(image, mask)
-            if not regions:
+            if not mask.any():  # cut_regions would refuse it without naming the shot
                 raise InputError(f"anomaly shot #{shot} of type {anomaly_type!r} has an empty mask")
-            self._regions[shot] = regions
+            self._regions[shot] = cut_regions(image, mask)
         return self._regions[shot]
 
     def prior_specs(self, anomaly_type: str) -> list[PriorSpec]:
