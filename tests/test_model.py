@@ -1,0 +1,236 @@
+"""Discriminator model, type embeddings and checkpoints, on 64 px images and tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from discriminator.backbones import build_backbone
+from discriminator.embeddings import LearnedTypeEmbeddings, TextTypeEmbeddings, encode_type_prompts, type_prompts
+from discriminator.losses import discriminator_loss
+from discriminator.model import CONFIG_NAME, WEIGHTS_NAME, Discriminator, DiscriminatorConfig
+from pipelines.errors import InputError
+from tests.test_backbones import save_tiny_vision_model
+from tests.tiny_models import VOCAB_SIZE, get_dummy_clip, get_dummy_tokenizer
+
+TYPES = ["blowhole", "crack", "fray"]
+RANDOM_LITE0 = {"name": "efficientnet_lite0", "pretrained": False}
+
+
+def make_config(**overrides) -> DiscriminatorConfig:
+    return DiscriminatorConfig(**{"category": "magnetic_tile", "class_names": TYPES, "backbone": RANDOM_LITE0,
+                                  "width": 16, **overrides})
+
+
+def images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def save_tiny_text_encoder(directory: Path, full_clip: bool) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if full_clip:
+        model, processor = get_dummy_clip()
+        tokenizer = processor.tokenizer
+    else:
+        torch.manual_seed(0)
+        model = CLIPTextModel(CLIPTextConfig(
+            bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1, hidden_size=24,
+            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB_SIZE,
+        ))
+        tokenizer = get_dummy_tokenizer()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model() -> Discriminator:
+    return Discriminator(make_config()).eval()
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+def test_output_shapes_and_mean_logit_detection(model):
+    out = model(images())
+    assert out.class_logits.shape == (2, 3, 64, 64)
+    assert out.detection_logits.shape == (2, 1, 64, 64)
+    assert torch.allclose(out.detection_logits, out.class_logits.mean(dim=1, keepdim=True), atol=1e-5)
+    # cosine / temperature bounds every logit by 1 / 0.07
+    assert out.class_logits.abs().max() <= 1 / 0.07 + 1e-4
+
+
+def test_conv_detection_head_and_level_subset():
+    model = Discriminator(make_config(detection_head="conv", levels=[1, 2])).eval()
+    out = model(images(size=48))
+    assert out.class_logits.shape == (2, 3, 48, 48) and out.detection_logits.shape == (2, 1, 48, 48)
+    assert not torch.allclose(out.detection_logits, out.class_logits.mean(dim=1, keepdim=True))
+    assert len(model.fusion.necks) == 2 and model.fusion.necks[0][0].in_channels == 40
+
+
+def test_bad_config_is_an_input_error():
+    with pytest.raises(InputError, match="detection_head"):
+        make_config(detection_head="max")
+    with pytest.raises(InputError, match="duplicates"):
+        make_config(class_names=["crack", "crack"])
+    with pytest.raises(InputError, match="levels"):
+        Discriminator(make_config(levels=[4]))
+
+
+def test_only_the_head_trains_and_the_backbone_stays_frozen():
+    model = Discriminator(make_config()).train()
+    assert not model.backbone.training
+    stats_before = model.backbone.net._bn0.running_mean.clone()
+    out = model(images())
+    discriminator_loss(out, torch.randint(0, 4, (2, 64, 64))).total.backward()
+    assert torch.equal(model.backbone.net._bn0.running_mean, stats_before)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    trainable = model.trainable_parameters()
+    assert trainable and all(p.grad is not None for p in trainable)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    assert not backbone_ids & {id(p) for p in trainable}
+
+
+def test_initialisation_is_seeded_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = Discriminator(make_config(seed=3)), Discriminator(make_config(seed=3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.trainable_parameters(), b.trainable_parameters()))
+    c = Discriminator(make_config(seed=4))
+    assert not torch.equal(a.type_embeddings.weight, c.type_embeddings.weight)
+    # a backbone passed in (however it consumed randomness) does not change the head's init
+    torch.manual_seed(123)
+    d = Discriminator(make_config(seed=3), backbone=build_backbone(RANDOM_LITE0))
+    assert all(torch.equal(p, q) for p, q in zip(a.trainable_parameters(), d.trainable_parameters()))
+
+
+def test_a_few_steps_on_a_toy_problem_reduce_the_loss():
+    """Bright squares are type 1, dark squares type 2, on grey: the heads must learn both."""
+    # stride 4/8 levels only: the backbone stops early, which keeps this test fast
+    model = Discriminator(make_config(class_names=["bright", "dark"], width=32, levels=[0, 1])).train()
+    x = torch.full((4, 3, 64, 64), 0.5)
+    type_map = torch.zeros(4, 64, 64, dtype=torch.long)
+    for i, (r, c) in enumerate([(8, 8), (32, 16), (16, 40), (40, 40)]):
+        x[i, :, r : r + 16, c : c + 16] = 1.0 if i % 2 == 0 else 0.0
+        type_map[i, r : r + 16, c : c + 16] = 1 if i % 2 == 0 else 2
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = discriminator_loss(model(x), type_map)
+        optimizer.zero_grad()
+        loss.total.backward()
+        optimizer.step()
+        losses.append(loss.total.item())
+    assert losses[-1] < 0.6 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    predicted = out.class_logits.argmax(1) + 1
+    inside = type_map > 0
+    assert (predicted[inside] == type_map[inside]).float().mean() > 0.9
+
+
+# --- type embeddings --------------------------------------------------------------------------
+
+def test_prompts_use_readable_names():
+    prompts = type_prompts("broken_large", "magnetic_tile", ["a {type} on a {category}"])
+    assert prompts == ["a broken large on a magnetic tile"]
+
+
+@pytest.mark.parametrize("full_clip", [False, True])
+def test_text_embeddings_from_a_tiny_clip(tmp_path, full_clip):
+    source = save_tiny_text_encoder(tmp_path / "clip", full_clip)
+    features = encode_type_prompts(str(source), TYPES, "magnetic_tile")
+    assert features.shape == (3, 16 if full_clip else 24)  # joint space for a CLIP pair, pooled text otherwise
+    assert torch.allclose(features.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(features[0], features[1])
+    emb = TextTypeEmbeddings.from_text_encoder(str(source), TYPES, dim=8, category="magnetic_tile")
+    assert emb().shape == (3, 8)
+    assert [n for n, _ in emb.named_parameters()] == ["proj.weight", "proj.bias"]  # text features stay frozen
+    assert torch.equal(emb.text_features, features)
+
+
+def test_missing_text_encoder_names_the_path(tmp_path):
+    with pytest.raises(InputError, match="no-clip"):
+        encode_type_prompts(str(tmp_path / "no-clip"), TYPES, "tile")
+
+
+def test_learned_embeddings_shape():
+    emb = LearnedTypeEmbeddings(4, 8)
+    assert emb().shape == (4, 8) and emb.weight.requires_grad
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def assert_same_outputs(a: Discriminator, b: Discriminator, size: int = 64) -> None:
+    x = images(size=size, seed=1)
+    with torch.no_grad():
+        out_a, out_b = a.eval()(x), b.eval()(x)
+    assert torch.equal(out_a.class_logits, out_b.class_logits)
+    assert torch.equal(out_a.detection_logits, out_b.detection_logits)
+
+
+def test_round_trip_is_exact_and_safetensors_only(tmp_path, model):
+    with torch.no_grad():
+        model.log_temperature.fill_(-2.0)  # a trained value must survive too
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    assert config["class_names"] == TYPES and config["category"] == "magnetic_tile"
+    assert config["backbone"] == RANDOM_LITE0 and config["pixel_threshold"] == 0.5
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt", expected_category="magnetic_tile",
+                                           expected_backbone="efficientnet_lite0")
+    assert_same_outputs(model, loaded)
+
+
+def test_round_trip_with_transformers_backbone_and_text_types(tmp_path):
+    """Neither the vision model nor the text encoder is needed to load the checkpoint."""
+    vision = save_tiny_vision_model(tmp_path / "vit", "dinov2")
+    text = save_tiny_text_encoder(tmp_path / "clip", full_clip=False)
+    config = make_config(backbone={"name": "transformers", "model": str(vision), "layers": [2, 4]},
+                         text_encoder=str(text), detection_head="conv")
+    model = Discriminator(config)
+    model.config.pixel_threshold = 0.3  # what training's calibration does
+    model.save_pretrained(tmp_path / "ckpt")
+    for directory in (vision, text):
+        for f in directory.iterdir():
+            f.unlink()
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.pixel_threshold == 0.3 and loaded.config.text_dim == 24
+    assert isinstance(loaded.type_embeddings, TextTypeEmbeddings)
+    assert_same_outputs(model, loaded, size=32)
+
+
+def test_bad_checkpoints_name_the_directory(tmp_path, model):
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    with pytest.raises(InputError, match="other_category") as err:
+        Discriminator.from_pretrained(ckpt, expected_category="other_category")
+    assert str(ckpt) in str(err.value)
+    with pytest.raises(InputError, match="backbone"):
+        Discriminator.from_pretrained(ckpt, expected_backbone="facebook/dinov2-small")
+    with pytest.raises(InputError, match="not found"):
+        Discriminator.from_pretrained(tmp_path / "nowhere")
+
+    wider = json.loads((ckpt / CONFIG_NAME).read_text())
+    wider["width"] = 32
+    (ckpt / CONFIG_NAME).write_text(json.dumps(wider))
+    with pytest.raises(InputError, match="does not match") as err:
+        Discriminator.from_pretrained(ckpt)
+    assert str(ckpt) in str(err.value)
+
+    (ckpt / WEIGHTS_NAME).unlink()
+    with pytest.raises(InputError, match=WEIGHTS_NAME):
+        Discriminator.from_pretrained(ckpt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda(tmp_path, model):
+    model.save_pretrained(tmp_path / "ckpt")
+    cuda_model = Discriminator.from_pretrained(tmp_path / "ckpt", device="cuda")
+    out = cuda_model(images().cuda())
+    assert out.class_logits.device.type == "cuda"
+    assert torch.allclose(out.class_logits.cpu(), model.eval()(images()).class_logits, atol=1e-3)
