@@ -1,0 +1,147 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.errors import InputError
+from synthesis.backends.base import PaintRequest
+from synthesis.backends.diffusion import DiffusionBackend, _latent_cover, resolve_dtype
+from synthesis.config import DiffusionConfig
+from tests.tiny_models import get_dummy_inpaint_pipeline
+
+SIZE = 64
+STRENGTHS = [0.4, 0.6, 1.0]
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return get_dummy_inpaint_pipeline()
+
+
+def _request(seed: int, few_shot: bool = False, size: int = SIZE) -> PaintRequest:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(60, 200, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[size // 4 : size // 2 + 3, size // 3 : size // 2 + 9] = True
+    reference = None
+    if few_shot:
+        reference = image.copy()
+        reference[mask] = (250, 20, 20)
+    return PaintRequest(
+        image=image, mask=mask, anomaly_type="scratch", prompt="a photo of a tile with a scratch",
+        seed=seed, negative_prompt="blurry", reference=reference,
+    )
+
+
+def _backend(pipeline, **kwargs) -> DiffusionBackend:
+    kwargs.setdefault("steps", 5)
+    return DiffusionBackend(pipeline, **kwargs)
+
+
+def test_zero_shot_gives_one_candidate_per_strength_and_candidate(pipeline):
+    out = _backend(pipeline, candidates=2).paint([_request(1), _request(2)], STRENGTHS)
+    assert len(out) == 2
+    for request_out in out:
+        assert [c.strength for c in request_out] == [0.4, 0.4, 0.6, 0.6, 1.0, 1.0]
+        assert [c.index for c in request_out] == list(range(6))
+        for c in request_out:
+            assert c.image.shape == (SIZE, SIZE, 3) and c.image.dtype == np.uint8
+    # different seeds and strengths give different pixels inside the mask
+    images = [c.image for c in out[0]]
+    assert not np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+
+
+def test_pixels_outside_mask_are_the_source_exactly(pipeline):
+    request = _request(3)
+    for candidate in _backend(pipeline).paint([request], STRENGTHS)[0]:
+        assert np.array_equal(candidate.image[~request.mask], request.image[~request.mask])
+        assert np.array_equal(candidate.mask, request.mask)
+        assert np.abs(candidate.image[request.mask].astype(int) - request.image[request.mask]).mean() > 1
+
+
+def test_batched_strengths_reproduce_one_pipeline_call_per_strength(pipeline):
+    requests = [_request(4), _request(5, few_shot=True)]
+    batched = _backend(pipeline, candidates=2).paint(requests, STRENGTHS)
+    per_strength_backend = _backend(pipeline, candidates=2, batch_strengths=False)
+    assert not per_strength_backend.batch_strengths
+    per_strength = per_strength_backend.paint(requests, STRENGTHS)
+    for a_list, b_list in zip(batched, per_strength):
+        for a, b in zip(a_list, b_list):
+            assert (a.strength, a.index) == (b.strength, b.index)
+            # same draws, same maths: only float reduction order differs
+            assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
+
+
+def test_same_seed_same_pixels_whatever_the_batch(pipeline):
+    backend = _backend(pipeline, candidates=2)
+    alone = backend.paint([_request(6)], STRENGTHS)[0]
+    again = backend.paint([_request(6)], STRENGTHS)[0]
+    in_batch = backend.paint([_request(7), _request(6)], STRENGTHS)[1]
+    for a, b, c in zip(alone, again, in_batch):
+        assert np.array_equal(a.image, b.image)
+        assert np.array_equal(a.image, c.image)
+    other_seed = backend.paint([replace(_request(6), seed=99)], STRENGTHS)[0]
+    assert not np.array_equal(alone[0].image, other_seed[0].image)
+
+
+def test_few_shot_repaints_reference_at_few_shot_strength(pipeline):
+    request = _request(8, few_shot=True)
+    out = _backend(pipeline, few_shot_strength=0.4).paint([request], STRENGTHS)[0]
+    assert len(out) == len(STRENGTHS)
+    assert {c.strength for c in out} == {0.4}
+    assert not np.array_equal(out[0].image, out[1].image)  # the slots differ by seed
+    # it is the zero-shot rendering of the pasted reference at 0.4, source pixels outside the mask
+    as_zero_shot = replace(request, image=request.reference, reference=None)
+    expected = _backend(pipeline).paint([as_zero_shot], [0.4] * len(STRENGTHS))[0]
+    for c, e in zip(out, expected):
+        assert np.array_equal(c.image[request.mask], e.image[request.mask])
+        assert np.array_equal(c.image[~request.mask], request.image[~request.mask])
+
+
+def test_odd_sizes_are_rendered_at_a_valid_working_size(pipeline):
+    request = _request(9, size=50)
+    candidate = _backend(pipeline).paint([request], [0.6])[0][0]
+    assert candidate.image.shape == (50, 50, 3)
+    assert np.array_equal(candidate.image[~request.mask], request.image[~request.mask])
+
+
+def test_latent_cover_keeps_thin_masks():
+    mask = np.zeros((64, 64), bool)
+    mask[:, 13] = True  # a one-pixel scratch between the pipeline's nearest-neighbour samples
+    cover = _latent_cover(mask, (64, 64), 8) > 0
+    assert cover[mask].all()
+    assert cover[:, 8:16].all() and not cover[:, :8].any() and not cover[:, 16:].any()
+
+
+def test_strength_that_runs_no_step_is_rejected(pipeline):
+    with pytest.raises(ValueError, match="no denoising step"):
+        _backend(pipeline, steps=5).paint([_request(1)], [0.1])
+
+
+def test_from_config_loads_a_saved_pipeline_offline(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path / "inpaint")
+    cfg = DiffusionConfig(model=str(tmp_path / "inpaint"), local_files_only=True, steps=5, device="cpu")
+    backend = DiffusionBackend.from_config(cfg, candidates=1)
+    assert backend.model_id == str(tmp_path / "inpaint") and backend.revision is None
+    assert backend.batch_strengths
+    assert backend.pipeline.unet.dtype == torch.float32
+    expected = _backend(pipeline).paint([_request(10)], [0.6])[0][0].image
+    assert np.array_equal(backend.paint([_request(10)], [0.6])[0][0].image, expected)
+
+
+def test_missing_model_is_one_input_error(tmp_path):
+    missing = tmp_path / "no_such_checkpoint"
+    with pytest.raises(InputError, match="no_such_checkpoint") as err:
+        DiffusionBackend.from_config(DiffusionConfig(model=str(missing)))
+    assert "local_files_only" in str(err.value)
+    with pytest.raises(InputError, match="not set"):
+        DiffusionBackend.from_config(DiffusionConfig(model=None))
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(InputError):
+        resolve_dtype("int8", torch.device("cpu"))
