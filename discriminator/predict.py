@@ -1,0 +1,123 @@
+"""From model outputs to decisions: anomaly map, per-pixel type, image score, image decision, image type.
+
+The thresholds come from the checkpoint's config (calibrated on held-out synthetic data at training
+time), never from the data being scored. Batched and under `torch.inference_mode`: scoring speed is
+what a user of the model pays for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TYPE_LEVELS = 1024  # resolution of `TypeMass`: thresholds are honoured to 1/1024 of the map's range
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` → the first CUDA device when present, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (speed, same accuracy for this head); plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@dataclass
+class Prediction:
+    """Decisions for a batch; all tensors on the CPU. Type ids: 0 normal, 1..C the anomaly types."""
+
+    anomaly_maps: Tensor  # (B, H, W) float32, the detection probability
+    type_maps: Tensor  # (B, H, W) uint8, the argmax type where the map > pixel threshold, else 0
+    scores: Tensor  # (B,) float32, mean of the top-k pixel scores
+    anomalous: Tensor  # (B,) bool, score > image threshold
+    types: Tensor  # (B,) int64, 0 when not anomalous
+    class_ids: Tensor  # (B, H, W) uint8, the argmax type (1..C) everywhere, whatever the map says
+    type_mass: Tensor  # (B, TYPE_LEVELS, C) class probability summed per anomaly-map level
+
+
+def top_k_scores(maps: Tensor, top_k: int) -> Tensor:
+    """Mean of the k largest values of each map (B, H, W) → (B,)."""
+    flat = maps.flatten(1)
+    return flat.topk(min(top_k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+def type_mass_by_level(maps: Tensor, class_probs: Tensor, levels: int = TYPE_LEVELS) -> Tensor:
+    """Class probabilities summed over the pixels of each anomaly-map level (B, levels, C).
+
+    Compact (a few KB per image) yet enough to pick the image type under any pixel threshold
+    chosen later, e.g. the reference protocol's, which depends on the whole test set.
+    """
+    b, c = class_probs.shape[:2]
+    index = (maps.flatten(1).clamp(0, 1) * levels).long().clamp_(max=levels - 1)  # (B, HW)
+    mass = torch.zeros(b, levels, c, dtype=torch.float32, device=maps.device)
+    probs = class_probs.flatten(2).transpose(1, 2).float()  # (B, HW, C)
+    return mass.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, c), probs)
+
+
+def image_types(type_mass: Tensor, anomalous: Tensor, pixel_threshold: float) -> Tensor:
+    """Per image: 0 when not anomalous, else 1 + the type with the most probability mass over the
+    pixels above the threshold; an anomalous image with no such pixel falls back to all pixels,
+    weighted by their anomaly level, so the decision never depends on an empty set."""
+    levels = type_mass.shape[1]
+    first = min(max(int(np.floor(pixel_threshold * levels)), 0), levels - 1)
+    above = type_mass[:, first:].sum(dim=1)  # (B, C)
+    centres = (torch.arange(levels, dtype=torch.float32, device=type_mass.device) + 0.5) / levels
+    weighted = (type_mass * centres[None, :, None]).sum(dim=1)
+    mass = torch.where(above.sum(dim=1, keepdim=True) > 0, above, weighted)
+    return torch.where(anomalous, mass.argmax(dim=1) + 1, torch.zeros_like(anomalous, dtype=torch.long))
+
+
+def decide(maps: Tensor, class_ids: Tensor, type_mass: Tensor, pixel_threshold: float,
+           image_threshold: float, top_k: int) -> Prediction:
+    """Apply thresholds to maps already computed; evaluate reuses it for other protocols."""
+    scores = top_k_scores(maps, top_k)
+    anomalous = scores > image_threshold
+    type_maps = torch.where(maps > pixel_threshold, class_ids, torch.zeros_like(class_ids))
+    types = image_types(type_mass, anomalous, pixel_threshold)
+    return Prediction(maps, type_maps, scores, anomalous, types, class_ids, type_mass)
+
+
+class Predictor:
+    """Scores batches of images with a trained discriminator and its calibrated thresholds."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "auto",
+                 pixel_threshold: float | None = None, image_threshold: float | None = None,
+                 top_k: int | None = None):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        config = model.config
+        self.pixel_threshold = float(config.pixel_threshold if pixel_threshold is None else pixel_threshold)
+        self.image_threshold = float(
+            getattr(config, "image_threshold", 0.5) if image_threshold is None else image_threshold
+        )
+        self.top_k = int(getattr(config, "image_top_k", 100) if top_k is None else top_k)
+
+    @property
+    def class_names(self) -> list[str]:
+        """C+1 names: normal first, then the anomaly types (type id = index)."""
+        return ["normal", *self.model.config.class_names]
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Prediction:
+        """images: (B, 3, H, W) float in [0, 1]."""
+        images = images.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            output = self.model(images)
+        maps = torch.sigmoid(output.detection_logits.float())[:, 0]
+        probs = torch.softmax(output.class_logits.float(), dim=1)
+        class_ids = (probs.argmax(dim=1) + 1).to(torch.uint8)
+        mass = type_mass_by_level(maps, probs)
+        cpu = [t.cpu() for t in (maps, class_ids, mass)]
+        return decide(*cpu, self.pixel_threshold, self.image_threshold, self.top_k)
+
+
+def images_to_tensor(images: list[np.ndarray]) -> Tensor:
+    """(H, W, 3) uint8 RGB arrays of one size → (B, 3, H, W) float in [0, 1]."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return batch.float().div_(255.0)

@@ -1,0 +1,175 @@
+"""Training the discriminator: a fixed number of steps, then threshold calibration on held-out data.
+
+`train_discriminator` reads top to bottom as numbered steps. The checkpoint is the model after the
+last step (no checkpoint is picked on any test data), and its thresholds are calibrated on synthetic
+rows held out from training plus the real normal shots, so evaluation never tunes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from discriminator import losses
+from discriminator.config import TrainConfig
+from discriminator.data import ImagePool, TrainingData, to_tensors
+from discriminator.metrics import best_f1
+from discriminator.predict import Predictor, autocast, resolve_device
+from pipelines.manifest import write_text_atomic
+
+TRAIN_LOG = "train_log.json"
+
+
+@dataclass
+class Calibration:
+    """Thresholds chosen on held-out data (see `calibrate`)."""
+
+    pixel_threshold: float
+    image_threshold: float
+    pixel_f1: float | None  # None: nothing held out, the config's defaults were kept
+    image_balanced_accuracy: float | None
+    holdout_images: int
+    normal_images: int
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+    device: str
+    calibration: Calibration
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · (1 - step/steps)^power: the decay used by the paper's reference training."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(1.0 - step / steps, 0.0) ** power)
+
+
+def loss_parts(loss: losses.LossParts) -> dict[str, float]:
+    """The loss parts as floats, for the progress bar and the log."""
+    return {f.name: float(getattr(loss, f.name).detach()) for f in dataclasses.fields(loss)}
+
+
+def _with_margin(cut: float, scores: np.ndarray) -> float:
+    """Decisions are `score > threshold`: move the cut (the lowest kept positive score) midway to
+    the next lower score, a margin on both sides instead of sitting on a calibration sample."""
+    below = scores[scores < cut]
+    return float((cut + below.max()) / 2 if below.size else np.nextafter(cut, -np.inf))
+
+
+def separating_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) of the F1-max cut, with a margin."""
+    point = best_f1(labels, scores)
+    return _with_margin(point.threshold, scores), point.f1
+
+
+def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, balanced accuracy) of the cut maximising TPR - FPR (Youden's J), with a margin.
+
+    Unlike F1 it ignores the class ratio, which at calibration (many held-out anomalies, a couple
+    of normal shots) is the reverse of a real test set's.
+    """
+    labels = np.asarray(labels, bool)
+    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+    cuts = np.unique(positives)  # only a positive's score can be an optimal cut
+    tpr = 1.0 - np.searchsorted(positives, cuts, side="left") / positives.size
+    fpr = 1.0 - np.searchsorted(negatives, cuts, side="left") / negatives.size if negatives.size else 0.0 * cuts
+    best = int(np.argmax(tpr - fpr))
+    return _with_margin(float(cuts[best]), scores), float((1.0 + tpr[best] - fpr[best]) / 2)
+
+
+def score_pool(predictor: Predictor, pool: ImagePool, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anomaly maps (N, H, W), defect masks (N, H, W), image scores (N,)) of a pool, no augmentation."""
+    maps, masks, scores = [], [], []
+    for start in range(0, len(pool), batch_size):
+        pairs = [to_tensors(pool[i]) for i in range(start, min(start + batch_size, len(pool)))]
+        prediction = predictor(torch.stack([image for image, _ in pairs]))
+        maps.append(prediction.anomaly_maps.numpy())
+        scores.append(prediction.scores.numpy())
+        masks.append(torch.stack([target for _, target in pairs]).numpy() > 0)
+    if not maps:
+        return np.zeros((0, 1, 1), np.float32), np.zeros((0, 1, 1), bool), np.zeros(0, np.float32)
+    return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
+
+
+def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, batch_size: int) -> Calibration:
+    """Pixel threshold: F1-max over held-out synthetic pixels + normal-shot pixels (segmentation's
+    usual criterion); image threshold: max balanced accuracy over their image scores. Without
+    held-out anomalies the config's values are kept."""
+    predictor = Predictor(model, device=device)
+    h_maps, h_masks, h_scores = score_pool(predictor, data.holdout, batch_size)
+    n_maps, n_masks, n_scores = score_pool(predictor, data.normal_shots, batch_size)
+    maps, masks = np.concatenate([h_maps.reshape(-1), n_maps.reshape(-1)]), np.concatenate(
+        [h_masks.reshape(-1), n_masks.reshape(-1)])
+    image_labels = np.r_[h_masks.reshape(len(h_masks), -1).any(axis=1), np.zeros(len(n_scores), bool)]
+    calibration = Calibration(predictor.pixel_threshold, predictor.image_threshold, None, None,
+                              len(h_scores), len(n_scores))
+    if masks.any():
+        calibration.pixel_threshold, calibration.pixel_f1 = separating_threshold(masks, maps)
+    if image_labels.any():
+        calibration.image_threshold, calibration.image_balanced_accuracy = balanced_threshold(
+            image_labels, np.r_[h_scores, n_scores])
+    return calibration
+
+
+def train_discriminator(model: torch.nn.Module, data: TrainingData, config: TrainConfig,
+                        out_dir: str | Path, show_progress: bool = True) -> TrainResult:
+    """Train `model` on `data` for `config.steps` steps, calibrate, save to `out_dir`."""
+    out_dir = Path(out_dir)
+    # 1. device: CUDA when present (bf16 autocast there), fp32 on CPU
+    device = resolve_device(config.device)
+    model.to(device).train()
+
+    # 2. optimiser and poly schedule over the trainable parameters only (the backbone is frozen)
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = poly_schedule(optimizer, config.steps, config.poly_power)
+
+    # 3. the fixed number of steps; every batch mixes real normals, real anomaly shots and synthetic rows
+    log: list[dict[str, float]] = []
+    images_seen, started = 0, time.perf_counter()
+    bar = tqdm(data.loader(config.num_workers), total=config.steps, desc="train", disable=not show_progress)
+    for step, (images, targets) in enumerate(bar):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device):
+            output = model(images)
+        loss = losses.discriminator_loss(output, targets)  # computed in fp32 whatever the autocast
+        if not torch.isfinite(loss.total):
+            raise FloatingPointError(f"loss is {float(loss.total)} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimizer.step()
+        scheduler.step()
+        images_seen += len(images)
+        parts = loss_parts(loss)
+        log.append({"step": step, **parts, "lr": optimizer.param_groups[0]["lr"]})
+        bar.set_postfix({name: f"{value:.3f}" for name, value in parts.items()})
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    # 4. calibrate the thresholds on held-out synthetic rows + the normal shots; store them in the config
+    calibration = calibrate(model, data, device, config.batch_size)
+    model.config.pixel_threshold = calibration.pixel_threshold
+    model.config.image_threshold = calibration.image_threshold
+
+    # 5. save the checkpoint and the training log (a DVC plot)
+    model.save_pretrained(out_dir)
+    result = TrainResult(
+        steps=len(log),
+        final_loss=log[-1]["total"] if log else math.nan,
+        seconds=seconds,
+        images_per_second=images_seen / seconds if seconds > 0 else math.nan,
+        device=str(device),
+        calibration=calibration,
+    )
+    write_text_atomic(out_dir / TRAIN_LOG, json.dumps({**dataclasses.asdict(result), "log": log}, indent=1))
+    return result

@@ -1,0 +1,107 @@
+"""Training: the loss falls on an easy problem, thresholds are calibrated and stored, the checkpoint
+round-trips, and `train` reruns alone (and identically) from the frozen dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from discriminator.config import EvaluateConfig, TrainConfig
+from discriminator.model import Discriminator
+from discriminator.train import balanced_threshold, poly_schedule, separating_threshold
+from pipelines.config import Params
+from pipelines.train import run_train
+from tests.test_data import SIZE, TYPES, write_frozen_dataset, write_manifest
+
+
+def tiny_params(steps: int = 24) -> Params:
+    return Params(
+        seed=0,
+        image_size=SIZE,
+        train=TrainConfig(steps=steps, batch_size=8, width=32, lr=3e-3, holdout_fraction=0.25, device="cpu"),
+        evaluate=EvaluateConfig(batch_size=8, image_top_k=20, overlays=4, device="cpu"),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    dataset = write_frozen_dataset(root / "synthetic", rows=24)
+    manifest = write_manifest(root / "prepared", anomaly_shots=1)
+    result = run_train(tiny_params(), dataset, manifest, root / "model", show_progress=False)
+    return root, dataset, manifest, result
+
+
+def test_loss_decreases_on_an_easy_problem(trained):
+    root, *_, result = trained
+    log = json.loads((root / "model/train_log.json").read_text())
+    losses = [entry["total"] for entry in log["log"]]
+    assert len(losses) == result.steps == 24
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert {"focal", "dice", "ce", "lr"} <= set(log["log"][0])
+    assert log["images_per_second"] > 0 and log["device"] == "cpu"
+
+
+def test_calibrated_thresholds_are_stored_in_the_checkpoint(trained):
+    root, *_, result = trained
+    calibration = result.calibration
+    assert calibration.holdout_images == 6 and calibration.normal_images == 2
+    assert calibration.pixel_f1 is not None and calibration.pixel_f1 > 0.3
+    config = json.loads((root / "model/config.json").read_text())
+    assert config["pixel_threshold"] == pytest.approx(calibration.pixel_threshold)
+    assert 0 < config["pixel_threshold"] < 1 and config["image_top_k"] == 20
+    assert config["image_threshold"] == pytest.approx(calibration.image_threshold)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(trained):
+    root, *_ = trained
+    model = Discriminator.from_pretrained(root / "model", expected_category="tile")
+    again = Discriminator.from_pretrained(root / "model")
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(images), again(images)
+    assert torch.equal(a.detection_logits, b.detection_logits) and torch.equal(a.class_logits, b.class_logits)
+    assert model.config.class_names == TYPES
+
+
+def test_train_reruns_alone_and_reproducibly(trained):
+    root, dataset, manifest, _ = trained
+    first = run_train(tiny_params(steps=2), dataset, manifest, root / "rerun_a", show_progress=False)
+    second = run_train(tiny_params(steps=2), dataset, manifest, root / "rerun_b", show_progress=False)
+    a = Discriminator.from_pretrained(root / "rerun_a").state_dict()
+    b = Discriminator.from_pretrained(root / "rerun_b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.final_loss == second.final_loss
+
+
+def test_separating_threshold_splits_the_classes_with_a_margin():
+    labels = np.array([0, 0, 1, 1])
+    threshold, f1 = separating_threshold(labels, np.array([0.1, 0.3, 0.7, 0.9]))
+    assert f1 == 1.0 and threshold == pytest.approx(0.5)
+    threshold, _ = separating_threshold(np.array([1, 1]), np.array([0.4, 0.6]))
+    assert 0.39 < threshold < 0.4  # nothing below: just under the lowest positive, decisions are `>`
+
+
+def test_balanced_threshold_protects_the_few_normals_that_f1_would_sacrifice():
+    # 10 anomalies (3 scoring below the normals), 2 normals: F1 keeps every anomaly and accepts
+    # both normals as false positives; balanced accuracy gives up the 3 anomalies instead
+    labels = np.r_[np.ones(10, bool), np.zeros(2, bool)]
+    scores = np.r_[np.linspace(0.6, 0.9, 7), 0.1, 0.15, 0.2, 0.3, 0.4]
+    f1_cut, _ = separating_threshold(labels, scores)
+    cut, balanced = balanced_threshold(labels, scores)
+    assert f1_cut < 0.1 and 0.4 < cut < 0.6 and balanced == pytest.approx(0.85)
+    assert balanced_threshold(np.array([1, 1], bool), np.array([0.4, 0.6]))[1] == 1.0
+
+
+def test_poly_schedule_decays_to_zero():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = poly_schedule(optimizer, steps=10, power=1.0)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 1.0 and rates[5] == pytest.approx(0.5) and optimizer.param_groups[0]["lr"] == 0.0
