@@ -6,6 +6,7 @@ Commands import their stage lazily so `uniadc --help` stays instant. Bad input s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -120,7 +121,13 @@ def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manife
     """Train the discriminator from the frozen dataset and the real shots only."""
     from pipelines.train import run_train
 
-    run_train(_params(params_path, overrides), dataset_dir, manifest_path, out)
+    result = run_train(_params(params_path, overrides), dataset_dir, manifest_path, out)
+    cal = result.calibration
+    click.echo(
+        f"{out}: {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.1f} images/s on "
+        f"{result.device}), final loss {result.final_loss:.3f}; thresholds pixel {cal.pixel_threshold:.3f}, "
+        f"image {cal.image_threshold:.3f}"
+    )
 
 
 @cli.command()
@@ -136,7 +143,10 @@ def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manif
     """Score the manifest's real test set: metrics, curves, confusion matrix, overlays."""
     from pipelines.evaluate import run_evaluate
 
-    run_evaluate(_params(params_path, overrides), model_dir, manifest_path, out)
+    metrics = run_evaluate(_params(params_path, overrides), model_dir, manifest_path, out)
+    names = ["image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou"]
+    summary = ", ".join(f"{name} {100 * metrics[name]:.1f}" for name in names)
+    click.echo(f"{out}/metrics.json ({metrics['test_images']} test images): {summary}")
 
 
 @cli.command()
@@ -155,6 +165,8 @@ def predict(images: tuple[str, ...], model_dir: str, out: str | None, device: st
 
 
 def main() -> None:
+    if not sys.stderr.isatty():  # logs (dvc repro, CI): a progress line every 10 s, not every update
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     try:
         cli.main(standalone_mode=False)
     except InputError as exc:
