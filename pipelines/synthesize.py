@@ -20,6 +20,7 @@ from synthesis.backends.base import PaintBackend
 from synthesis.config import SynthesisConfig
 from synthesis.dataset import DatasetSummary, push_to_hub
 from synthesis.foreground import make_foreground
+from synthesis.priors import parse_priors
 from synthesis.render import RenderInputs, finalize, prompt_choices, render
 from synthesis.selection import CandidateScorer
 
@@ -83,6 +84,21 @@ def build_zero_shot_scorer(config: SynthesisConfig, inputs: RenderInputs) -> Can
     )
 
 
+def check_settings(config: SynthesisConfig, anomaly_types: list[str]) -> None:
+    """Fail before rendering anything on a per-type setting for a type the data does not have
+    (usually a typo) or an unknown prior name."""
+    known = set(anomaly_types)
+    for section in ("priors", "recipes", "prompts"):
+        for key in getattr(config, section):
+            if key != "default" and key not in known:
+                raise InputError(
+                    f"params synthesis.{section} names anomaly type {key!r}, which the manifest does not have "
+                    f"(types: {', '.join(anomaly_types)})"
+                )
+    for names in config.priors.values():
+        parse_priors(names)
+
+
 def run_synthesize(
     manifest_path: str | Path,
     out_dir: str | Path,
@@ -101,6 +117,7 @@ def run_synthesize(
     manifest = Manifest.load(manifest_path)
     if not manifest.anomaly_types:
         raise InputError("manifest lists no anomaly types to synthesize", manifest_path)
+    check_settings(config, manifest.anomaly_types)
     inputs = load_inputs(manifest, image_size)
     backend = (backend_factory or build_backend)(config)
     render(
