@@ -32,8 +32,11 @@ from synthesis.seeding import derive_seed, torch_generator
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: this process's current CUDA device (one per rank under `accelerate launch`), else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     return torch.device(name)
 
 
