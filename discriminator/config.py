@@ -12,7 +12,9 @@ class TrainConfig:
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
     width: int = 128
-    detection_head: str = "mean_logit"
+    # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
+    # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
+    detection_head: str = "memory"
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
@@ -22,7 +24,8 @@ class TrainConfig:
     real_normal_fraction: float = 0.25
     real_anomaly_fraction: float = 0.125
     holdout_fraction: float = 0.1  # synthetic rows kept out of training to calibrate the pixel threshold
-    augment: bool = True
+    augment: bool = True  # flips, transpose, small shifts
+    photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
     device: str = "auto"  # auto: cuda when present
     num_workers: int = 0
 

@@ -186,6 +186,19 @@ def augment(item: LabelledImage, rng: np.random.Generator) -> LabelledImage:
     return LabelledImage(np.ascontiguousarray(image), np.ascontiguousarray(type_map))
 
 
+GAMMA_RANGE = (0.7, 1.4)
+GAIN_RANGE = (0.75, 1.3)
+OFFSET_RANGE = (-0.08, 0.08)  # of the full range
+
+
+def photometric(item: LabelledImage, rng: np.random.Generator) -> LabelledImage:
+    """A random global gamma, gain and offset: the few normal shots (and everything painted on
+    them) then span the exposures a real test set has; the type map is unchanged."""
+    gamma, gain, offset = rng.uniform(*GAMMA_RANGE), rng.uniform(*GAIN_RANGE), rng.uniform(*OFFSET_RANGE)
+    lut = np.clip((np.arange(256) / 255.0) ** gamma * gain + offset, 0.0, 1.0)
+    return LabelledImage(np.rint(lut * 255.0).astype(np.uint8)[item.image], item.type_map)
+
+
 def to_tensors(item: LabelledImage) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) float in [0, 1] and (H, W) long, the model's input and target."""
     image = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).float().div_(255.0)
@@ -265,16 +278,19 @@ class MixedBatchSampler:
 class MixedTrainingSet(torch.utils.data.Dataset):
     """Maps an `ItemKey` to an (augmented) (image, type map) pair of tensors."""
 
-    def __init__(self, pools: dict[str, ImagePool], augment_images: bool):
-        self.pools, self.augment_images = pools, augment_images
+    def __init__(self, pools: dict[str, ImagePool], augment_images: bool, photometric_images: bool = False):
+        self.pools, self.augment_images, self.photometric_images = pools, augment_images, photometric_images
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.pools.values())
 
     def __getitem__(self, key: ItemKey) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.pools[key.pool][key.index]
+        rng = step_rng(key.seed)
         if self.augment_images:
-            item = augment(item, step_rng(key.seed))
+            item = augment(item, rng)
+        if self.photometric_images:
+            item = photometric(item, rng)
         return to_tensors(item)
 
 
@@ -307,7 +323,7 @@ def build_training_data(dataset_dir: str | Path, manifest: Manifest, config: Tra
     composition = batch_composition(config.batch_size, config, sizes[NORMAL_POOL], sizes[ANOMALY_POOL],
                                     sizes[SYNTHETIC_POOL])
     return TrainingData(
-        dataset=MixedTrainingSet(pools, config.augment),
+        dataset=MixedTrainingSet(pools, config.augment, config.photometric_augment),
         sampler=MixedBatchSampler(composition, sizes, config.steps, seed),
         holdout=SyntheticPool(rows, holdout_idx, image_size),
         normal_shots=pools[NORMAL_POOL],

@@ -4,7 +4,8 @@ Frozen backbone levels -> per-level necks (1x1 conv) -> top-down fusion (upsampl
 finer, 3x3 conv) -> a per-pixel embedding at the finest used level. Class logits are cosine
 similarities between L2-normalised pixel and type embeddings over a learned temperature. There
 is no "normal" embedding: a pixel is normal when it resembles no anomaly type, so the default
-detection logit is the mean of the class logits (the paper's implicit-normal design).
+detection logit is the mean of the class logits (the paper's implicit-normal design); the `memory`
+head adds a kNN distance to the real normal shots' features (`discriminator.memory`).
 
 A checkpoint is a directory with `config.json` (everything needed to rebuild, including the
 backbone architecture) and `model.safetensors` holding ALL weights, the frozen backbone
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
+from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features
 from pipelines.errors import InputError
 from pipelines.manifest import write_text_atomic
 
@@ -60,6 +62,7 @@ class DiscriminatorConfig:
     temperature: float = 0.07  # initial; learned
     min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
     seed: int = 0  # initialisation of the trainable parts
+    memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,25 +141,58 @@ class TopDownFusion(nn.Module):
 class MeanLogitHead(nn.Module):
     """Anomaly logit = mean of the class logits: anomalous where the pixel looks like the types."""
 
-    def __init__(self, width: int, num_types: int):
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
         super().__init__()
 
-    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor) -> Tensor:
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
         return class_logits.mean(dim=1, keepdim=True)
 
 
 class ConvHead(nn.Module):
     """A learned 1x1 conv on the (unnormalised) pixel embedding, independent of the type logits."""
 
-    def __init__(self, width: int, num_types: int):
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
         super().__init__()
-        self.conv = nn.Conv2d(width, 1, 1)
+        self.conv = nn.Conv2d(config.width, 1, 1)
 
-    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor) -> Tensor:
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
         return self.conv(pixel_embeddings)
 
 
-DETECTION_HEADS: dict[str, Callable[[int, int], nn.Module]] = {"mean_logit": MeanLogitHead, "conv": ConvHead}
+class MemoryFusionHead(nn.Module):
+    """The mean class logit fused with the normal shots' kNN distance by a learned 1x1 conv.
+
+    The paper's discriminator knows what defects look like; the memory (`discriminator.memory`)
+    knows what normal looked like. The fusion starts as their plain sum (weights 1, 1) and is
+    trained on the synthetic data with the memory in leave-one-out mode. Its memory is empty until
+    `Discriminator.build_memory` fills it from the normal shots.
+    """
+
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
+        super().__init__()
+        levels = memory_levels(backbone.strides)
+        dim = sum(backbone.channels[i] for i in levels)
+        shots, entries = config.memory_shape or (0, 0)
+        self.memory = NormalMemory(shots, entries, dim, levels)
+        self.fuse = nn.Conv2d(2, 1, 1)
+        with torch.no_grad():
+            self.fuse.weight.fill_(1.0)
+            self.fuse.bias.zero_()
+
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
+        learned = class_logits.mean(dim=1, keepdim=True)
+        if self.memory.shots == 0:
+            raise RuntimeError("the memory head has no memory: call Discriminator.build_memory first")
+        distance = self.memory(features)
+        distance = F.interpolate(distance, size=learned.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([learned, distance.to(learned.dtype)], dim=1))
+
+
+DETECTION_HEADS: dict[str, Callable[["DiscriminatorConfig", Backbone], nn.Module]] = {
+    "mean_logit": MeanLogitHead,
+    "conv": ConvHead,
+    "memory": MemoryFusionHead,
+}
 
 
 class Discriminator(nn.Module):
@@ -185,7 +221,7 @@ class Discriminator(nn.Module):
                 type_embeddings = self._build_type_embeddings(config, local_files_only)
             self.fusion = TopDownFusion([self.backbone.channels[i] for i in self.levels], config.width)
             self.embed = nn.Conv2d(config.width, config.width, 1)
-            self.detection_head = DETECTION_HEADS[config.detection_head](config.width, num_types)
+            self.detection_head = DETECTION_HEADS[config.detection_head](config, self.backbone)
         if (type_embeddings.num_types, type_embeddings.dim) != (num_types, config.width):
             raise InputError(
                 f"type embeddings are {type_embeddings.num_types}x{type_embeddings.dim}, "
@@ -219,17 +255,37 @@ class Discriminator(nn.Module):
         with torch.no_grad():
             dtype = next(self.backbone.parameters()).dtype
             features = self.backbone(images.to(dtype))
-        features = [features[i].to(self.embed.weight.dtype) for i in self.levels]
-        fused = self.fusion(features)
+        fused = self.fusion([features[i].to(self.embed.weight.dtype) for i in self.levels])
         pixels = F.normalize(self.embed(fused), dim=1)
         types = F.normalize(self.type_embeddings(), dim=-1)
         class_logits = torch.einsum("bdhw,cd->bchw", pixels, types) / self.temperature
-        detection_logits = self.detection_head(fused, class_logits)
+        detection_logits = self.detection_head(fused, class_logits, features)
         size = images.shape[-2:]
         return DiscriminatorOutput(
             class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
             detection_logits=F.interpolate(detection_logits, size=size, mode="bilinear", align_corners=False),
         )
+
+    @property
+    def memory(self) -> NormalMemory | None:
+        """The normal-shot memory of the detection head, if it has one."""
+        return getattr(self.detection_head, "memory", None)
+
+    @torch.no_grad()
+    def build_memory(self, shots: list[Tensor]) -> None:
+        """Fill the memory from the normal shots ((3, H, W) tensors in [0, 1]) and their flips;
+        the checkpoint's config records its shape so `from_pretrained` can rebuild it. A no-op
+        for heads without memory."""
+        memory = self.memory
+        if memory is None:
+            return
+        if not shots:
+            raise InputError(f"detection_head {self.config.detection_head!r} needs at least one normal shot")
+        device, dtype = memory.bank.device, next(self.backbone.parameters()).dtype
+        per_shot = [patch_features(self.backbone(flipped_views(shot).to(device, dtype)), memory.levels)
+                    for shot in shots]
+        memory.fill(per_shot)
+        self.config.memory_shape = list(memory.bank.shape[:2])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

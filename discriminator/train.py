@@ -130,11 +130,18 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     device = resolve_device(config.device)
     model.to(device).train()
 
-    # 2. optimiser and poly schedule over the trainable parameters only (the backbone is frozen)
+    # 2. a memory head remembers the normal shots; training and calibration see it leave-one-out
+    #    because the synthetic images are painted on those very shots
+    memory = getattr(model, "memory", None)
+    if memory is not None:
+        model.build_memory([to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))])
+        memory.leave_one_out = True
+
+    # 3. optimiser and poly schedule over the trainable parameters only (the backbone is frozen)
     optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = poly_schedule(optimizer, config.steps, config.poly_power)
 
-    # 3. the fixed number of steps; every batch mixes real normals, real anomaly shots and synthetic rows
+    # 4. the fixed number of steps; every batch mixes real normals, real anomaly shots and synthetic rows
     log: list[dict[str, float]] = []
     images_seen, started = 0, time.perf_counter()
     bar = tqdm(data.loader(config.num_workers), total=config.steps, desc="train", disable=not show_progress)
@@ -156,12 +163,14 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     seconds = time.perf_counter() - started
     model.eval()
 
-    # 4. calibrate the thresholds on held-out synthetic rows + the normal shots; store them in the config
+    # 5. calibrate the thresholds on held-out synthetic rows + the normal shots; store them in the config
     calibration = calibrate(model, data, device, config.batch_size)
     model.config.pixel_threshold = calibration.pixel_threshold
     model.config.image_threshold = calibration.image_threshold
+    if memory is not None:
+        memory.leave_one_out = False
 
-    # 5. save the checkpoint and the training log (a DVC plot)
+    # 6. save the checkpoint and the training log (a DVC plot)
     model.save_pretrained(out_dir)
     result = TrainResult(
         steps=len(log),

@@ -228,9 +228,13 @@ def parse_priors(names: Sequence[str]) -> list[PriorSpec]:
 
 # First matching keyword rule wins: thin defects, then round ones, then diffuse surface changes.
 _DEFAULT_RULES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("crack", "scratch", "line", "fray", "break", "cut", "tear"), ("line", "brush:tiny", "brush:small")),
+    # breaks and fray are areas (missing material, a rough patch), not lines, whatever the words suggest
+    (("break", "broken", "chip", "missing"), ("polygon:small", "polygon:medium", "perlin:small")),
+    (("fray", "rough"), ("perlin:medium", "perlin:large", "polygon:medium")),
+    (("crack", "scratch", "line", "cut", "tear"), ("line", "brush:tiny", "brush:small")),
     (("hole", "spot", "dot", "pit", "bubble", "pore"), ("circle:tiny", "circle:small", "ellipse:small")),
-    (("uneven",), ("foreground", "perlin:large")),
+    # a large smooth region, not the whole foreground: an all-anomalous image teaches nothing about borders
+    (("uneven",), ("rectangle:large", "rectangle:medium", "perlin:large")),
     (
         ("stain", "color", "colour", "contamination", "glue", "oil", "liquid"),
         ("perlin:medium", "perlin:large", "ellipse:medium", "ellipse:large"),

@@ -107,6 +107,19 @@ def test_mask_touching_the_border(recipe):
     assert _inside_change(candidates[0], image, mask) > 2.0
 
 
+def test_chip_is_a_dark_void_at_its_deepest():
+    image, mask, candidates = _paint("chip", [0.6])
+    deep = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3) >= 5
+    assert candidates[0].image[deep].mean() < 0.6 * image[deep].mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fray_roughens_the_texture_inside(seed):
+    image, mask, candidates = _paint("fray", [0.6], seed=seed)
+    rough = lambda im: np.abs(cv2.Laplacian(im[..., 0].astype(np.float32), cv2.CV_32F))[mask].mean()  # noqa: E731
+    assert rough(candidates[0].image) > 2.0 * rough(image)
+
+
 def test_candidates_per_strength_multiplies_candidates():
     _, _, candidates = _paint("texture", [0.4, 0.6], per_strength=3)
     assert [c.strength for c in candidates] == [0.4] * 3 + [0.6] * 3
@@ -127,8 +140,9 @@ def test_feathered_composite_fades_in_from_the_border():
     ("anomaly_type", "recipe"),
     [
         ("crack", "crack"),
-        ("break", "crack"),
-        ("fray", "crack"),
+        ("break", "chip"),
+        ("MT_Break", "chip"),
+        ("fray", "fray"),
         ("scratch", "scratch"),
         ("thin_line", "scratch"),
         ("blowhole", "hole"),

@@ -28,6 +28,7 @@ from discriminator.data import (
     batch_composition,
     build_training_data,
     load_synthetic_rows,
+    photometric,
     split_holdout,
     step_rng,
 )
@@ -224,6 +225,17 @@ def test_augment_moves_image_and_type_map_together():
         np.testing.assert_array_equal(out.image[..., 0], (out.type_map * 100).astype(np.uint8))
         changed += not np.array_equal(out.type_map, type_map)
     assert changed >= 6
+
+
+def test_photometric_changes_tone_monotonically_and_keeps_the_type_map():
+    ramp = np.repeat(np.repeat(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], 4, axis=0), 3, axis=2)
+    type_map = np.zeros(ramp.shape[:2], np.int64)
+    type_map[0, 0] = 1
+    outs = [photometric(LabelledImage(ramp, type_map), step_rng(seed)) for seed in range(6)]
+    for out in outs:
+        assert out.type_map is type_map
+        assert np.all(np.diff(out.image[0, :, 0].astype(int)) >= 0)  # a tone curve never reorders intensities
+    assert len({out.image.tobytes() for out in outs}) == 6
 
 
 def test_training_data_yields_image_and_target_tensors(frozen):

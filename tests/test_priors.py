@@ -163,7 +163,9 @@ def test_parse_priors_names_the_bad_entry() -> None:
         ("MT_Crack", {"line", "brush"}),
         ("scratch", {"line", "brush"}),
         ("MT_Blowhole", {"circle", "ellipse"}),
-        ("MT_Uneven", {"foreground", "perlin"}),
+        ("MT_Uneven", {"rectangle", "perlin"}),
+        ("MT_Break", {"polygon", "perlin"}),
+        ("MT_Fray", {"perlin", "polygon"}),
         ("stain", {"perlin", "ellipse"}),
     ],
 )

@@ -77,6 +77,18 @@ def test_train_reruns_alone_and_reproducibly(trained):
     assert first.final_loss == second.final_loss
 
 
+def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained):
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=3)
+    params.train.detection_head = "memory"
+    run_train(params, dataset, manifest, root / "memory", show_progress=False)
+    model = Discriminator.from_pretrained(root / "memory")
+    memory = model.memory
+    assert model.config.memory_shape == [2, 4 * (SIZE // 8) ** 2]  # 2 normal shots x 4 flips x stride-8 cells
+    assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
+    assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
+
+
 def test_separating_threshold_splits_the_classes_with_a_margin():
     labels = np.array([0, 0, 1, 1])
     threshold, f1 = separating_threshold(labels, np.array([0.1, 0.3, 0.7, 0.9]))

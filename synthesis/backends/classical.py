@@ -145,6 +145,34 @@ def _stroke(
     return region.paste(image, painted)
 
 
+def chip(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Missing material (a break, a chipped edge): the dark void behind the surface, a rough
+    fracture texture in it and a bright broken rim on the lit side."""
+    region = _Region.of(image, mask)
+    void = rng.uniform(5.0, 35.0)  # the gap shows what lies behind: nearly black
+    fracture = void + 60.0 * strength * region.noise(rng, cells=int(rng.integers(3, 7)))
+    # the void deepens away from the rim, so the broken face keeps some of the surface's light
+    depth = np.clip(region.depth * rng.uniform(2.0, 4.0), 0.0, 1.0)[..., None]
+    keep = 1.0 - min(1.0, 0.4 + strength)
+    painted = region.image * keep + (1.0 - keep) * ((1.0 - depth) * region.image * 0.5 + depth * fracture[..., None])
+    rim = strength * rng.uniform(40.0, 90.0) * region.light_side(rng) * (1.0 - depth[..., 0])
+    return region.paste(image, painted + rim[..., None])
+
+
+def fray(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A frayed, rough area: fine high-contrast grain and streaks along one direction, lighter or
+    darker than the surface, with a dark ragged border where the texture tears off."""
+    region = _Region.of(image, mask)
+    grain = region.noise(rng, cells=int(rng.integers(8, 16)), octaves=3)
+    streaks = cv2.GaussianBlur(rng.normal(0.0, 1.0, region.mask.shape).astype(np.float32), (0, 0),
+                               sigmaX=float(rng.uniform(0.5, 1.5)), sigmaY=float(rng.uniform(4.0, 10.0)))
+    streaks /= max(float(np.abs(streaks).max()), 1e-6)
+    tone = _sign(rng) * strength * rng.uniform(20.0, 60.0)
+    border = strength * 70.0 * np.clip(1.0 - region.depth * 6.0, 0.0, 1.0)
+    delta = strength * rng.uniform(80.0, 140.0) * (0.6 * grain + 0.4 * streaks) + tone - border
+    return region.paste(image, region.image + delta[..., None])
+
+
 def shift(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """A smooth intensity (and, on colour images, hue) shift: stains, uneven surfaces."""
     region = _Region.of(image, mask)
@@ -190,6 +218,8 @@ RECIPES: dict[str, Recipe] = {
     "bright_spot": bright_spot,
     "crack": partial(_stroke, darkness=(0.7, 0.95), irregularity=0.5, highlight=25.0),
     "scratch": partial(_stroke, darkness=(0.35, 0.6), irregularity=0.25, highlight=45.0),
+    "chip": chip,
+    "fray": fray,
     "shift": shift,
     "smear": smear,
     "cut_paste": cut_paste,
@@ -198,7 +228,9 @@ RECIPES: dict[str, Recipe] = {
 # First match wins: "bright spot" must reach bright_spot before "spot" reaches dark_spot.
 _KEYWORDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("bright", "white", "glare"), "bright_spot"),
-    (("crack", "break", "broken", "fray"), "crack"),
+    (("break", "broken", "chip", "missing"), "chip"),
+    (("fray", "rough", "frazzle"), "fray"),
+    (("crack",), "crack"),
     (("scratch", "line", "scrape"), "scratch"),
     (("hole", "pit", "pore"), "hole"),
     (("spot", "dot", "speck"), "dark_spot"),

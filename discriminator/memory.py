@@ -1,0 +1,95 @@
+"""A PatchCore-style memory of the real normal shots, as a detection signal next to the learned one.
+
+The learned discriminator only ever sees a few normal backgrounds (the shots the synthetic defects
+were painted on), so on a new normal image it can fire on anything unfamiliar. The kNN distance of
+each pixel's frozen backbone feature to the normal shots' features is the complementary signal:
+it knows nothing of defect types but a lot about what "normal" looked like.
+
+The memory is built once at train time from the normal shots (and their flips, the augmentations
+training used) and saved in model.safetensors as a buffer, so a checkpoint stays self-contained.
+It is kept per shot, (S, N, D), for one reason: the synthetic training and calibration images are
+painted on those very shots, so their background would match itself at distance ~0, unlike any
+test image. In `leave_one_out` mode (training and calibration) each image ignores the shot that
+matches it best, which is the one it was painted on, and sees distances like a new image's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: training's flips
+MEMORY_STRIDES = (8, 16)  # mid-level features: local texture, not ImageNet semantics (the baseline's)
+
+
+def memory_levels(strides: list[int]) -> list[int]:
+    """The backbone levels the memory uses: those at MEMORY_STRIDES, else all (e.g. a ViT's)."""
+    chosen = [i for i, s in enumerate(strides) if s in MEMORY_STRIDES]
+    return chosen or list(range(len(strides)))
+
+
+def patch_features(features: list[Tensor], levels: list[int]) -> Tensor:
+    """(B, D, h, w): chosen levels 3x3 average-pooled (local context), upsampled to the finest, concatenated."""
+    chosen = [F.avg_pool2d(features[i].float(), 3, stride=1, padding=1, count_include_pad=False) for i in levels]
+    size = chosen[0].shape[-2:]
+    return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in chosen], dim=1)
+
+
+def nearest_distances(queries: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
+    """queries (B, D, h, w), bank (S, N, D) -> (B, S, h, w): per shot, L2 distance to the nearest entry."""
+    b, d, h, w = queries.shape
+    flat = queries.flatten(2).transpose(1, 2).reshape(-1, d)  # (B·h·w, D)
+    out = []
+    for shot in bank:
+        best = torch.cat([torch.cdist(part, shot).min(dim=1).values for part in flat.split(chunk)])
+        out.append(best.view(b, h, w))
+    return torch.stack(out, dim=1)
+
+
+class NormalMemory(nn.Module):
+    """Per-shot feature bank plus the scale of a new normal image's distances (to standardise them)."""
+
+    def __init__(self, shots: int, entries: int, dim: int, levels: list[int]):
+        super().__init__()
+        self.levels = list(levels)
+        self.register_buffer("bank", torch.zeros(shots, entries, dim))
+        # mean and std of the leave-one-out distances of the shots themselves: what normal looks like
+        self.register_buffer("stats", torch.tensor([0.0, 1.0]))
+        self.leave_one_out = False  # set by training; a loaded checkpoint uses every shot
+
+    @property
+    def shots(self) -> int:
+        return self.bank.shape[0]
+
+    @torch.no_grad()
+    def fill(self, per_image_features: list[Tensor]) -> None:
+        """Store each shot's features (one (F, D, h, w) tensor per shot, F views) and the distance stats."""
+        bank = torch.stack([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in per_image_features])
+        self.bank = bank.to(self.bank.device, self.bank.dtype)
+        if self.shots > 1:
+            loo = torch.cat([self.distances(f[:1], leave_one_out=True).flatten() for f in per_image_features])
+            self.stats = torch.stack([loo.mean(), loo.std().clamp_min(1e-6)]).to(self.stats)
+
+    def distances(self, queries: Tensor, leave_one_out: bool | None = None) -> Tensor:
+        """(B, D, h, w) features -> (B, 1, h, w) nearest-normal distance."""
+        per_shot = nearest_distances(queries.float(), self.bank)
+        leave_one_out = self.leave_one_out if leave_one_out is None else leave_one_out
+        if not leave_one_out or self.shots < 2:
+            return per_shot.min(dim=1, keepdim=True).values
+        # drop the shot this image matches best overall: the one it was painted on, if any
+        own = per_shot.mean(dim=(2, 3)).argmin(dim=1)
+        keep = torch.ones_like(per_shot[:, :, 0, 0], dtype=torch.bool)
+        keep[torch.arange(len(own)), own] = False
+        masked = per_shot.masked_fill(~keep[:, :, None, None], float("inf"))
+        return masked.min(dim=1, keepdim=True).values
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Backbone levels -> (B, 1, h, w) standardised distance: ~0 on normal pixels, large on anomalies."""
+        mean, std = self.stats
+        return (self.distances(patch_features(features, self.levels)) - mean) / std
+
+
+def flipped_views(image: Tensor) -> Tensor:
+    """(3, H, W) -> (len(FLIPS), 3, H, W): the views the memory stores for one shot."""
+    return torch.stack([image.flip(dims) if dims else image for dims in FLIPS])

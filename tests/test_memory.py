@@ -1,0 +1,87 @@
+"""The normal-shot memory and the memory detection head, on 64 px images and a random-weight backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from discriminator.memory import NormalMemory, flipped_views, memory_levels, nearest_distances
+from discriminator.model import Discriminator, DiscriminatorConfig
+from pipelines.errors import InputError
+
+RANDOM_LITE0 = {"name": "efficientnet_lite0", "pretrained": False}
+
+
+def make_model(**overrides) -> Discriminator:
+    config = DiscriminatorConfig(**{"category": "tile", "class_names": ["crack", "hole"], "backbone": RANDOM_LITE0,
+                                    "width": 16, "detection_head": "memory", **overrides})
+    return Discriminator(config)
+
+
+def shots(count: int = 2, size: int = 64) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.rand(3, size, size, generator=generator) for _ in range(count)]
+
+
+def test_memory_levels_pick_strides_8_and_16_or_everything():
+    assert memory_levels([4, 8, 16, 32]) == [1, 2]
+    assert memory_levels([14, 14, 14]) == [0, 1, 2]
+
+
+def test_nearest_distances_per_shot():
+    bank = torch.tensor([[[0.0, 0.0], [3.0, 4.0]], [[1.0, 0.0], [10.0, 0.0]]])  # 2 shots x 2 entries
+    queries = torch.tensor([[0.0, 3.0], [0.0, 4.0]]).view(1, 2, 1, 2)  # points (0, 0) and (3, 4)
+    out = nearest_distances(queries, bank, chunk=1)
+    assert out.shape == (1, 2, 1, 2)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([[0.0, 0.0], [1.0, 2.0 * 5 ** 0.5]]))
+
+
+def test_leave_one_out_ignores_the_shot_an_image_matches_best():
+    memory = NormalMemory(0, 0, 4, [0])
+    a, b = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    memory.fill([a, b])
+    assert torch.all(memory.distances(a) == 0)  # a is in the memory
+    assert torch.allclose(memory.distances(a, leave_one_out=True), torch.full((1, 1, 2, 2), 2.0))  # only b left
+    # the stats are those leave-one-out distances: a new normal image lands near 0 after standardising
+    assert torch.allclose(memory.stats[0], torch.tensor(2.0))
+
+
+def test_flipped_views_are_the_four_flips():
+    image = torch.arange(12.0).view(1, 3, 4).expand(3, 3, 4)
+    views = flipped_views(image)
+    assert views.shape == (4, 3, 3, 4)
+    assert torch.equal(views[1], image.flip(-1)) and torch.equal(views[3], image.flip(-1).flip(-2))
+
+
+def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher():
+    model = make_model().eval()
+    normal = shots()
+    with pytest.raises(RuntimeError, match="build_memory"):
+        model(torch.stack(normal))
+    model.build_memory(normal)
+    assert model.config.memory_shape == [2, 4 * 8 * 8]  # shots x (flips x stride-8 cells)
+    test = normal[0].clone()
+    test[:, 16:48, 16:48] = 0.0  # a large black square: unlike anything in the memory
+    logits = model(test[None]).detection_logits[0, 0]
+    assert logits[24:40, 24:40].mean() > logits[:8].mean() + 1.0
+
+
+def test_memory_head_round_trips_through_a_checkpoint(tmp_path):
+    model = make_model().eval()
+    model.build_memory(shots())
+    model.save_pretrained(tmp_path)
+    loaded = Discriminator.from_pretrained(tmp_path)
+    assert loaded.config.memory_shape == model.config.memory_shape
+    batch = torch.stack(shots(size=64))
+    torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
+
+
+def test_memory_head_without_shots_is_an_input_error():
+    with pytest.raises(InputError, match="normal shot"):
+        make_model().build_memory([])
+
+
+def test_other_heads_ignore_build_memory():
+    model = make_model(detection_head="mean_logit")
+    model.build_memory(shots())
+    assert model.memory is None and model.config.memory_shape is None
