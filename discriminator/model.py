@@ -159,13 +159,12 @@ class ConvHead(nn.Module):
         return self.conv(pixel_embeddings)
 
 
-class MemoryFusionHead(nn.Module):
-    """The mean class logit fused with the normal shots' kNN distance by a learned 1x1 conv.
+class NormalMemoryHead(nn.Module):
+    """Base of the heads that remember the normal shots: the memory and its distance map.
 
-    The paper's discriminator knows what defects look like; the memory (`discriminator.memory`)
-    knows what normal looked like. The fusion starts as their plain sum (weights 1, 1) and is
-    trained on the synthetic data with the memory in leave-one-out mode. Its memory is empty until
-    `Discriminator.build_memory` fills it from the normal shots.
+    The memory (`discriminator.memory`) knows what normal looked like; it is empty until
+    `Discriminator.build_memory` fills it from the normal shots, and is used leave-one-out during
+    training and calibration.
     """
 
     def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
@@ -174,6 +173,24 @@ class MemoryFusionHead(nn.Module):
         dim = sum(backbone.channels[i] for i in levels)
         shots, entries = config.memory_shape or (0, 0)
         self.memory = NormalMemory(shots, entries, dim, levels)
+
+    def distance(self, features: list[Tensor], like: Tensor) -> Tensor:
+        """(B, 1, h, w) standardised kNN distance at the resolution and dtype of `like`."""
+        if self.memory.shots == 0:
+            raise RuntimeError("the memory head has no memory: call Discriminator.build_memory first")
+        distance = F.interpolate(self.memory(features), size=like.shape[-2:], mode="bilinear", align_corners=False)
+        return distance.to(like.dtype)
+
+
+class MemoryFusionHead(NormalMemoryHead):
+    """The mean class logit fused with the normal shots' kNN distance by a learned 1x1 conv.
+
+    The paper's discriminator knows what defects look like, the memory what normal looked like.
+    The fusion starts as their plain sum (weights 1, 1) and is trained on the synthetic data.
+    """
+
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
+        super().__init__(config, backbone)
         self.fuse = nn.Conv2d(2, 1, 1)
         with torch.no_grad():
             self.fuse.weight.fill_(1.0)
@@ -181,17 +198,32 @@ class MemoryFusionHead(nn.Module):
 
     def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
         learned = class_logits.mean(dim=1, keepdim=True)
-        if self.memory.shots == 0:
-            raise RuntimeError("the memory head has no memory: call Discriminator.build_memory first")
-        distance = self.memory(features)
-        distance = F.interpolate(distance, size=learned.shape[-2:], mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([learned, distance.to(learned.dtype)], dim=1))
+        return self.fuse(torch.cat([learned, self.distance(features, learned)], dim=1))
+
+
+class MemoryDetectionHead(NormalMemoryHead):
+    """Detection from the kNN distance alone, with a learned scale and bias to calibrate it.
+
+    On MTD the learned map carries less from synthetic to real defects than the distance to real
+    normal patches does, and fusing the two lowered detection (image AUROC 76 for the distance
+    alone vs 73 fused, half of the test set); the paper's per-pixel type logits still decide the
+    type.
+    """
+
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
+        super().__init__(config, backbone)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
+        return self.scale * self.distance(features, class_logits) + self.bias
 
 
 DETECTION_HEADS: dict[str, Callable[["DiscriminatorConfig", Backbone], nn.Module]] = {
     "mean_logit": MeanLogitHead,
     "conv": ConvHead,
     "memory": MemoryFusionHead,
+    "knn": MemoryDetectionHead,
 }
 
 

@@ -53,8 +53,9 @@ def test_flipped_views_are_the_four_flips():
     assert torch.equal(views[1], image.flip(-1)) and torch.equal(views[3], image.flip(-1).flip(-2))
 
 
-def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher():
-    model = make_model().eval()
+@pytest.mark.parametrize("head", ["memory", "knn"])
+def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher(head):
+    model = make_model(detection_head=head).eval()
     normal = shots()
     with pytest.raises(RuntimeError, match="build_memory"):
         model(torch.stack(normal))
@@ -66,8 +67,9 @@ def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher():
     assert logits[24:40, 24:40].mean() > logits[:8].mean() + 1.0
 
 
-def test_memory_head_round_trips_through_a_checkpoint(tmp_path):
-    model = make_model().eval()
+@pytest.mark.parametrize("head", ["memory", "knn"])
+def test_memory_head_round_trips_through_a_checkpoint(tmp_path, head):
+    model = make_model(detection_head=head).eval()
     model.build_memory(shots())
     model.save_pretrained(tmp_path)
     loaded = Discriminator.from_pretrained(tmp_path)
@@ -85,3 +87,16 @@ def test_other_heads_ignore_build_memory():
     model = make_model(detection_head="mean_logit")
     model.build_memory(shots())
     assert model.memory is None and model.config.memory_shape is None
+
+
+def test_knn_head_detection_ignores_the_type_logits():
+    model = make_model(detection_head="knn").eval()
+    model.build_memory(shots())
+    batch = torch.stack(shots(size=64))
+    before = model(batch)
+    with torch.no_grad():
+        for p in model.embed.parameters():
+            p.add_(torch.randn_like(p))
+    after = model(batch)
+    assert not torch.allclose(before.class_logits, after.class_logits)
+    torch.testing.assert_close(after.detection_logits, before.detection_logits)
