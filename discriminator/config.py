@@ -14,7 +14,7 @@ class TrainConfig:
     width: int = 128
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
-    detection_head: str = "memory"
+    detection_head: str = "knn"
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
