@@ -18,10 +18,12 @@ from tests.test_data import SIZE, TYPES, write_frozen_dataset, write_manifest
 
 
 def tiny_params(steps: int = 24) -> Params:
+    # the paper's head: the loop's tests should not depend on the kNN memory of two random shots
     return Params(
         seed=0,
         image_size=SIZE,
-        train=TrainConfig(steps=steps, batch_size=8, width=32, lr=3e-3, holdout_fraction=0.25, device="cpu"),
+        train=TrainConfig(steps=steps, batch_size=8, width=32, lr=3e-3, holdout_fraction=0.25, device="cpu",
+                          detection_head="mean_logit"),
         evaluate=EvaluateConfig(batch_size=8, image_top_k=20, overlays=4, device="cpu"),
     )
 
@@ -77,12 +79,13 @@ def test_train_reruns_alone_and_reproducibly(trained):
     assert first.final_loss == second.final_loss
 
 
-def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained):
+@pytest.mark.parametrize("head", ["memory", "knn"])
+def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained, head):
     root, dataset, manifest, _ = trained
     params = tiny_params(steps=3)
-    params.train.detection_head = "memory"
-    run_train(params, dataset, manifest, root / "memory", show_progress=False)
-    model = Discriminator.from_pretrained(root / "memory")
+    params.train.detection_head = head
+    run_train(params, dataset, manifest, root / head, show_progress=False)
+    model = Discriminator.from_pretrained(root / head)
     memory = model.memory
     assert model.config.memory_shape == [2, 4 * (SIZE // 8) ** 2]  # 2 normal shots x 4 flips x stride-8 cells
     assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
