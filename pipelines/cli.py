@@ -18,6 +18,10 @@ PARAMS_OPTION = click.option(
     "--params", "params_path", default="params.yaml", show_default=True,
     type=click.Path(dir_okay=False), help="params.yaml to read the settings from.",
 )
+MANIFEST_OPTION = click.option(
+    "--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
+    type=click.Path(dir_okay=False), help="The manifest written by `uniadc prepare`.",
+)
 SET_OPTION = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a param, e.g. --set synthesis.images_per_type=10 (YAML value). Repeatable.",
@@ -83,8 +87,7 @@ def prepare(params_path: str, overrides: tuple[str, ...], out: str) -> None:
 @cli.command()
 @PARAMS_OPTION
 @SET_OPTION
-@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@MANIFEST_OPTION
 @click.option("--out", default="data/synthetic", show_default=True, type=click.Path(file_okay=False),
               help="Folder of the frozen dataset (Parquet shards + README.md card).")
 def synthesize(params_path: str, overrides: tuple[str, ...], manifest_path: str, out: str) -> None:
@@ -113,8 +116,7 @@ def push(repo_id: str, dataset_dir: str, private: bool) -> None:
 @SET_OPTION
 @click.option("--dataset", "dataset_dir", default="data/synthetic", show_default=True,
               type=click.Path(file_okay=False), help="The frozen synthetic dataset.")
-@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Manifest with the real normal (and anomaly) shots.")
+@MANIFEST_OPTION
 @click.option("--out", default="models/discriminator", show_default=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (config.json + model.safetensors).")
 def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manifest_path: str, out: str) -> None:
@@ -135,8 +137,7 @@ def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manife
 @SET_OPTION
 @click.option("--model", "model_dir", default="models/discriminator", show_default=True,
               type=click.Path(file_okay=False))
-@click.option("--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@MANIFEST_OPTION
 @click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Folder for metrics.json, plots/ and the figures.")
 def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manifest_path: str, out: str) -> None:
