@@ -58,16 +58,24 @@ def load_inputs(manifest: Manifest, image_size: int) -> RenderInputs:
     )
 
 
+def backend_name(config: SynthesisConfig) -> str:
+    """`auto`: diffusion when an inpainting model is configured, classical (no weights) otherwise."""
+    if config.backend == "auto":
+        return "diffusion" if config.diffusion.model else "classical"
+    return config.backend
+
+
 def build_backend(config: SynthesisConfig) -> PaintBackend:
-    if config.backend == "classical":
+    name = backend_name(config)
+    if name == "classical":
         from synthesis.backends.classical import ClassicalBackend
 
         return ClassicalBackend(recipes=config.recipes, candidates_per_strength=config.candidates)
-    if config.backend == "diffusion":
+    if name == "diffusion":
         from synthesis.backends.diffusion import DiffusionBackend  # heavy: only when asked for
 
         return DiffusionBackend.from_config(config.diffusion, candidates=config.candidates)
-    raise InputError(f"unknown synthesis.backend {config.backend!r} (known: classical, diffusion)")
+    raise InputError(f"unknown synthesis.backend {config.backend!r} (known: auto, classical, diffusion)")
 
 
 def build_zero_shot_scorer(config: SynthesisConfig, inputs: RenderInputs) -> CandidateScorer | None:

@@ -33,7 +33,7 @@ class ForegroundConfig:
 
 @dataclass
 class SynthesisConfig:
-    backend: str = "classical"  # classical | diffusion
+    backend: str = "auto"  # auto (diffusion when diffusion.model is set, else classical) | classical | diffusion
     images_per_type: int = 40
     shard_size: int = 32  # rows per Parquet shard = the unit of work and of resume
     batch_size: int = 4  # requests painted per backend call

@@ -208,10 +208,10 @@ class RequestBuilder:
         return source_id, request
 
 
-def strengths_for(mode: Mode, config: SynthesisConfig) -> list[float]:
+def strengths_for(mode: Mode, config: SynthesisConfig, backend_name: str) -> list[float]:
     # the diffusion backend only harmonises a pasted real defect, so a low strength; classical
     # candidates are cheap, so the full sweep either way
-    if mode == "few_shot" and config.backend == "diffusion":
+    if mode == "few_shot" and backend_name == "diffusion":
         return [config.diffusion.few_shot_strength]
     return list(config.strengths)
 
@@ -233,7 +233,7 @@ def render_chunk(
         for start in range(0, len(positions), batch_size):
             batch = positions[start : start + batch_size]
             requests = [built[i][1] for i in batch]
-            painted = backend.paint(requests, strengths_for(mode, config))
+            painted = backend.paint(requests, strengths_for(mode, config, backend.name))
             for i, request, candidates in zip(batch, requests, painted, strict=True):
                 best, score = select_best(candidates, scorers[mode].score(request, candidates))
                 task = tasks[i]
@@ -398,7 +398,7 @@ def finalize(out_dir: str | Path) -> DatasetSummary:
             out_dir,
         )
     params = state["params"]
-    diffusion = params.get("diffusion", {}) if params.get("backend") == "diffusion" else {}
+    diffusion = params.get("diffusion", {}) if state["backend"] == "diffusion" else {}
     write_card(
         out_dir,
         CardInfo(

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repo_params_yaml_loads_and_matches_defaults_where_unset():
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
-    assert params.synthesis.backend == "classical"
+    assert params.synthesis.backend == "auto"
     assert params.data.k_normal == 2
     assert isinstance(params.train, TrainConfig)
 

@@ -25,3 +25,14 @@ def test_unknown_type_names_the_setting(section):
 def test_unknown_prior_name_fails_before_rendering():
     with pytest.raises(InputError, match="blob"):
         check_settings(SynthesisConfig(priors={"crack": ["blob"]}), TYPES)
+
+
+def test_auto_backend_is_diffusion_only_when_a_model_is_configured():
+    from pipelines.synthesize import backend_name
+
+    config = SynthesisConfig()
+    assert config.backend == "auto" and backend_name(config) == "classical"
+    config.diffusion.model = "some/inpainting-model"
+    assert backend_name(config) == "diffusion"
+    config.backend = "classical"
+    assert backend_name(config) == "classical"
