@@ -25,12 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from discriminator.backbones import build_backbone  # noqa: E402
 from discriminator.memory import FLIPS, memory_levels, nearest_distances, patch_features  # noqa: E402
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
+from discriminator.predict import images_to_tensor  # noqa: E402
 from pipelines.images import read_sample  # noqa: E402
 from pipelines.manifest import Manifest  # noqa: E402
-
-
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def main() -> None:
@@ -46,7 +43,7 @@ def main() -> None:
     manifest = Manifest.load(args.manifest)
     backbone = build_backbone("efficientnet_lite0")
     levels = memory_levels(backbone.strides)
-    shots = to_tensor([read_sample(s, args.size)[0] for s in manifest.normal_shots])
+    shots = images_to_tensor([read_sample(s, args.size)[0] for s in manifest.normal_shots])
     views = [shots.flip(d) if d else shots for d in (FLIPS if args.flips else ((),))]
     bank = torch.cat([patch_features(backbone(v), levels) for v in views])  # (V·S, D, h, w)
     bank = bank.permute(0, 2, 3, 1).reshape(1, -1, bank.shape[1])
@@ -55,7 +52,7 @@ def main() -> None:
     start = time.perf_counter()
     for i in range(0, len(manifest.test), args.batch):
         batch = [read_sample(s, args.size) for s in manifest.test[i : i + args.batch]]
-        feats = patch_features(backbone(to_tensor([im for im, _ in batch])), levels)
+        feats = patch_features(backbone(images_to_tensor([im for im, _ in batch])), levels)
         dist = nearest_distances(feats, bank)[:, 0]
         dist = torch.nn.functional.interpolate(dist[:, None], size=(args.size, args.size), mode="bilinear")[:, 0]
         for d, (_, mask) in zip(dist.numpy(), batch):
