@@ -16,6 +16,11 @@ class DiffusionConfig:
     device: str = "auto"
     compile: bool = False
     few_shot_strength: float = 0.3  # low: harmonise the pasted real defect, keep its look
+    # opt-in speed-up: decode only the mask's box grown by this many latent cells (8 px each), since
+    # pixels outside the mask are pasted back anyway. The crop's GroupNorm statistics differ from the
+    # whole image's, so the repainted pixels shift a little (like diffusers' tiled decoding). None:
+    # decode the whole image, exactly as the pipeline does
+    decode_context: int | None = None
 
 
 @dataclass

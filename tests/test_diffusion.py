@@ -6,7 +6,7 @@ import torch
 
 from pipelines.errors import InputError
 from synthesis.backends.base import PaintRequest
-from synthesis.backends.diffusion import DiffusionBackend, _latent_cover, resolve_dtype
+from synthesis.backends.diffusion import DiffusionBackend, _decode_box, _latent_cover, resolve_dtype, tune_for_device
 from synthesis.config import DiffusionConfig
 from tests.tiny_models import get_dummy_inpaint_pipeline
 
@@ -19,11 +19,12 @@ def pipeline():
     return get_dummy_inpaint_pipeline()
 
 
-def _request(seed: int, few_shot: bool = False, size: int = SIZE) -> PaintRequest:
+def _request(seed: int, few_shot: bool = False, size: int = SIZE, mask: np.ndarray | None = None) -> PaintRequest:
     rng = np.random.default_rng(seed)
     image = rng.integers(60, 200, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), bool)
-    mask[size // 4 : size // 2 + 3, size // 3 : size // 2 + 9] = True
+    if mask is None:
+        mask = np.zeros((size, size), bool)
+        mask[size // 4 : size // 2 + 3, size // 3 : size // 2 + 9] = True
     reference = None
     if few_shot:
         reference = image.copy()
@@ -63,7 +64,7 @@ def test_pixels_outside_mask_are_the_source_exactly(pipeline):
 
 def test_batched_strengths_reproduce_one_pipeline_call_per_strength(pipeline):
     requests = [_request(4), _request(5, few_shot=True)]
-    batched = _backend(pipeline, candidates=2).paint(requests, STRENGTHS)
+    batched = _backend(pipeline, candidates=2, decode_context=None).paint(requests, STRENGTHS)
     per_strength_backend = _backend(pipeline, candidates=2, batch_strengths=False)
     assert not per_strength_backend.batch_strengths
     per_strength = per_strength_backend.paint(requests, STRENGTHS)
@@ -113,6 +114,63 @@ def test_latent_cover_keeps_thin_masks():
     cover = _latent_cover(mask, (64, 64), 8) > 0
     assert cover[mask].all()
     assert cover[:, 8:16].all() and not cover[:, :8].any() and not cover[:, 16:].any()
+
+
+def test_decode_box_grows_the_mask_box_by_the_context_and_clips():
+    cover = np.zeros((128, 128), bool)
+    cover[40:64, 48:56] = True  # latent cells rows 5..7, column 6
+    assert _decode_box(cover, 8, 0) == (5, 8, 6, 7)
+    assert _decode_box(cover, 8, 2) == (3, 10, 4, 9)
+    assert _decode_box(cover, 8, 9) == (0, 16, 0, 16)  # clipped to the image
+    assert _decode_box(cover, 8, None) == (0, 16, 0, 16)
+    assert _decode_box(np.zeros_like(cover), 8, 2) == (0, 16, 0, 16)
+
+
+def _small_mask_request(seed: int = 11, size: int = 128) -> PaintRequest:
+    mask = np.zeros((size, size), bool)
+    mask[40:60, 50:75] = True
+    return _request(seed, size=size, mask=mask)
+
+
+def test_crop_decode_decodes_only_around_the_mask(pipeline):
+    request = _small_mask_request()
+    shapes = []
+    decode = pipeline.vae.decode
+    pipeline.vae.decode = lambda z, *a, **k: (shapes.append(tuple(z.shape[2:])), decode(z, *a, **k))[1]
+    try:
+        _backend(pipeline, decode_context=2).paint([request], [0.6, 1.0])
+        _backend(pipeline, decode_context=None).paint([request], [0.6])
+    finally:
+        del pipeline.vae.decode
+    # mask rows 40..59 -> cells 5..7, columns 50..74 -> cells 6..9; two cells of context each side
+    assert shapes == [(7, 8), (16, 16)]
+
+
+def test_crop_decode_is_close_to_the_whole_decode_inside_the_mask(pipeline):
+    request = _small_mask_request()
+    whole = _backend(pipeline, decode_context=None).paint([request], [0.6])[0][0].image
+    covering = _backend(pipeline, decode_context=16).paint([request], [0.6])[0][0].image
+    assert np.array_equal(covering, whole)  # a box over the whole latent is the whole decode
+    crop = _backend(pipeline, decode_context=4).paint([request], [0.6])[0][0].image
+    assert np.array_equal(crop[~request.mask], request.image[~request.mask])
+    inside = request.mask
+    repaint = np.abs(whole.astype(int) - request.image.astype(int))[inside].mean()
+    error = np.abs(crop.astype(int) - whole.astype(int))[inside].mean()
+    assert 0 < error < 0.25 * repaint  # no context at all misses by about as much as the repaint
+
+
+def test_negative_decode_context_is_rejected_before_loading(tmp_path):
+    with pytest.raises(InputError, match="decode_context"):
+        DiffusionBackend.from_config(DiffusionConfig(model=str(tmp_path / "never_read"), decode_context=-1))
+    with pytest.raises(ValueError, match="decode_context"):
+        DiffusionBackend(get_dummy_inpaint_pipeline(), decode_context=-2)
+
+
+def test_tune_for_device_slices_the_vae_on_cpu():
+    pipe = get_dummy_inpaint_pipeline()
+    assert not pipe.vae.use_slicing
+    tune_for_device(pipe)
+    assert pipe.vae.use_slicing
 
 
 def test_strength_that_runs_no_step_is_rejected(pipeline):
