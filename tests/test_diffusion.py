@@ -8,7 +8,7 @@ from pipelines.errors import InputError
 from synthesis.backends.base import PaintRequest
 from synthesis.backends.diffusion import DiffusionBackend, _decode_box, _latent_cover, resolve_dtype, tune_for_device
 from synthesis.config import DiffusionConfig
-from tests.tiny_models import get_dummy_inpaint_pipeline
+from tests.tiny_models import get_dummy_inpaint_pipeline, get_dummy_sdxl_inpaint_pipeline
 
 SIZE = 64
 STRENGTHS = [0.4, 0.6, 1.0]
@@ -187,6 +187,20 @@ def test_from_config_loads_a_saved_pipeline_offline(pipeline, tmp_path):
     assert backend.pipeline.unet.dtype == torch.float32
     expected = _backend(pipeline).paint([_request(10)], [0.6])[0][0].image
     assert np.array_equal(backend.paint([_request(10)], [0.6])[0][0].image, expected)
+
+
+def test_sdxl_checkpoint_loads_its_own_class_and_paints_one_call_per_strength(tmp_path):
+    get_dummy_sdxl_inpaint_pipeline().save_pretrained(tmp_path / "sdxl")
+    backend = DiffusionBackend.from_config(DiffusionConfig(model=str(tmp_path / "sdxl"), steps=4, device="cpu"))
+    assert type(backend.pipeline).__name__ == "StableDiffusionXLInpaintPipeline"  # read from model_index.json
+    assert not backend.batch_strengths  # the staggered loop does not build SDXL's extra conditioning
+    request = _request(12)
+    out = backend.paint([request], [0.5, 1.0])[0]
+    assert [c.strength for c in out] == [0.5, 1.0]
+    for candidate in out:
+        assert np.array_equal(candidate.image[~request.mask], request.image[~request.mask])
+        assert (candidate.image[request.mask] != request.image[request.mask]).any()
+    assert np.array_equal(backend.paint([request], [0.5])[0][0].image, out[0].image)  # seeded
 
 
 def test_missing_model_is_one_input_error(tmp_path):

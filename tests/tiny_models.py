@@ -85,6 +85,42 @@ def get_dummy_inpaint_pipeline(seed: int = 0):
     return pipe
 
 
+def get_dummy_sdxl_inpaint_pipeline(seed: int = 0):
+    """A tiny SDXL inpainting pipeline (two text encoders, text_time conditioning), random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=16,
+        cross_attention_dim=64,  # both text encoders' hidden states side by side
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + the pooled text
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32], in_channels=3, out_channels=3, norm_num_groups=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4, layers_per_block=1,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=get_dummy_tokenizer(),
+        tokenizer_2=get_dummy_tokenizer(), unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def get_dummy_clip(seed: int = 0, image_size: int = 32):
     """A tiny CLIPModel and its processor (image processor + the dummy tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
