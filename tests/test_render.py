@@ -333,6 +333,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_two_cpu_processes(script: Path) -> None:
+    """`accelerate launch` a script that prints "rank R of N" as two CPU processes; assert both ran."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # `--cpu` would take accelerate's single-process launcher; `--multi_gpu` is torchrun, which
+    # on a machine without CUDA gives a gloo group of CPU processes
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(script)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout  # really two processes
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
 def test_accelerate_launch_two_cpu_processes(tmp_path, reference):
     manifest = write_manifest(tmp_path / "src")
@@ -340,15 +353,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, reference):
     script.write_text(
         textwrap.dedent(LAUNCHED.format(repo=str(REPO), manifest=str(manifest), out=str(tmp_path / "out"), size=SIZE, seed=SEED))
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    # `--cpu` would take accelerate's single-process launcher; `--multi_gpu` is torchrun, which
-    # on a machine without CUDA gives a gloo group of CPU processes
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout  # really two processes
+    launch_two_cpu_processes(script)
     assert shard_bytes(tmp_path / "out") == reference
     assert validate_dataset(tmp_path / "out").num_rows == 10
     assert (tmp_path / "out" / "README.md").is_file()

@@ -3,9 +3,7 @@ saved to disk (random weights, no downloads), through `run_synthesize`, a crash 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -15,7 +13,9 @@ import pytest
 
 from synthesis.config import DiffusionConfig, SelectionConfig, SynthesisConfig
 from synthesis.dataset import validate_dataset
-from tests.test_render import REPO, SEED, SIZE, free_port, make_config, make_inputs, shard_bytes, write_manifest
+from tests.test_render import (
+    REPO, SEED, SIZE, launch_two_cpu_processes, make_config, make_inputs, shard_bytes, write_manifest,
+)
 from tests.tiny_models import get_dummy_clip, get_dummy_inpaint_pipeline
 
 
@@ -131,12 +131,6 @@ def test_two_processes_render_the_same_dataset(rendered, models, tmp_path):
     write_manifest(tmp_path / "src")  # before launching: the two processes only read it
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(LAUNCHED.format(repo=str(REPO), models=str(models), root=str(tmp_path))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout
+    launch_two_cpu_processes(script)
     assert shard_bytes(tmp_path / "out") == shard_bytes(rendered)
     assert validate_dataset(tmp_path / "out").num_rows == 10
