@@ -202,7 +202,8 @@ class MemoryFusionHead(NormalMemoryHead):
 
 
 class MemoryDetectionHead(NormalMemoryHead):
-    """Detection from the kNN distance alone, with a learned scale and bias to calibrate it.
+    """Detection from the kNN distance alone, with a scale and bias to calibrate it (Platt-fitted on
+    held-out data and frozen by training, `discriminator.train.fit_memory_detection`).
 
     On MTD the learned map carries less from synthetic to real defects than the distance to real
     normal patches does, and fusing the two lowered detection (image AUROC 76 for the distance

@@ -22,6 +22,7 @@ from discriminator import losses
 from discriminator.config import TrainConfig
 from discriminator.data import ImagePool, TrainingData, to_tensors
 from discriminator.metrics import best_f1
+from discriminator.model import MemoryDetectionHead
 from discriminator.predict import Predictor, autocast, resolve_device
 from pipelines.manifest import write_text_atomic
 
@@ -38,6 +39,9 @@ class Calibration:
     image_balanced_accuracy: float | None
     holdout_images: int
     normal_images: int
+    # the kNN head's Platt-fitted logit = scale · distance + bias (see `fit_memory_detection`); None otherwise
+    detection_scale: float | None = None
+    detection_bias: float | None = None
 
 
 @dataclass
@@ -102,6 +106,76 @@ def score_pool(predictor: Predictor, pool: ImagePool, batch_size: int) -> tuple[
     return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
 
 
+def pool_logits(model: torch.nn.Module, pool: ImagePool, device: torch.device,
+                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw detection logits (N, H, W), defect masks (N, H, W)) of a non-empty pool, no augmentation."""
+    logits, masks = [], []
+    for start in range(0, len(pool), batch_size):
+        pairs = [to_tensors(pool[i]) for i in range(start, min(start + batch_size, len(pool)))]
+        with torch.inference_mode(), autocast(device):
+            output = model(torch.stack([image for image, _ in pairs]).to(device))
+        logits.append(output.detection_logits.float()[:, 0].cpu().numpy())
+        masks.append(torch.stack([target for _, target in pairs]).numpy() > 0)
+    return np.concatenate(logits), np.concatenate(masks)
+
+
+def fit_platt(scores: np.ndarray, labels: np.ndarray, ridge: float = 1e-4) -> tuple[float, float]:
+    """(a, b) minimising the mean binary cross entropy of sigmoid(a·score + b) (Platt scaling); the
+    small ridge on `a` keeps it finite when the classes happen to separate."""
+    x = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels, dtype=torch.float64).flatten()
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=100, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(params[0] * x + params[1], y)
+        loss = loss + ridge * params[0] ** 2
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    a, b = params.detach().tolist()
+    return float(a), float(b)
+
+
+def fit_memory_detection(model: torch.nn.Module, data: TrainingData, device: torch.device,
+                         batch_size: int) -> tuple[float, float] | None:
+    """Fit the `knn` head's scale and bias by Platt scaling on the held-out synthetic rows plus the
+    normal shots (leave-one-out, unaugmented), then freeze them; (scale, bias), or None when the
+    model has no such head or nothing anomalous is held out (they then train as before).
+
+    Why not train them: they are the head's only parameters that the detection loss reaches, yet
+    AdamW moves a scalar by about lr per step (< 0.3 over a run), while the training images'
+    photometric augmentation makes normal pixels look far from the unaugmented memory. They stayed
+    near (1, 0), so the logit was the raw standardised distance (median 15 on held-out defects, 26
+    on the demo test set's) and sigmoid saturated to exactly 1.0 in float32: tied maps and image
+    scores, a pixel threshold of 0.99999.
+    """
+    head = getattr(model, "detection_head", None)
+    if not isinstance(head, MemoryDetectionHead) or len(data.holdout) == 0:
+        return None
+    with torch.no_grad():
+        head.scale.fill_(1.0)
+        head.bias.zero_()
+    was_training = model.training
+    model.eval()
+    pools = [pool_logits(model, pool, device, batch_size) for pool in (data.holdout, data.normal_shots) if len(pool)]
+    model.train(was_training)
+    distances = np.concatenate([logits.reshape(-1) for logits, _ in pools])
+    labels = np.concatenate([masks.reshape(-1) for _, masks in pools])
+    if not labels.any():
+        return None
+    scale, bias = fit_platt(distances, labels)
+    with torch.no_grad():
+        head.scale.fill_(scale)
+        head.bias.fill_(bias)
+    head.scale.requires_grad_(False)
+    head.bias.requires_grad_(False)
+    return scale, bias
+
+
 def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, batch_size: int) -> Calibration:
     """Pixel threshold: F1-max over held-out synthetic pixels + normal-shot pixels (segmentation's
     usual criterion); image threshold: max balanced accuracy over their image scores. Without
@@ -131,11 +205,13 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     model.to(device).train()
 
     # 2. a memory head remembers the normal shots; training and calibration see it leave-one-out
-    #    because the synthetic images are painted on those very shots
+    #    because the synthetic images are painted on those very shots. The knn head's scale and
+    #    bias are then Platt-fitted on the held-out rows and frozen
     memory = getattr(model, "memory", None)
     if memory is not None:
         model.build_memory([to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))])
         memory.leave_one_out = True
+    platt = fit_memory_detection(model, data, device, config.batch_size)
 
     # 3. optimiser and poly schedule over the trainable parameters only (the backbone is frozen)
     optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.lr, weight_decay=config.weight_decay)
@@ -165,6 +241,7 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
 
     # 5. calibrate the thresholds on held-out synthetic rows + the normal shots; store them in the config
     calibration = calibrate(model, data, device, config.batch_size)
+    calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold
     model.config.image_threshold = calibration.image_threshold
     if memory is not None:

@@ -11,7 +11,7 @@ import torch
 
 from discriminator.config import EvaluateConfig, TrainConfig
 from discriminator.model import Discriminator
-from discriminator.train import balanced_threshold, poly_schedule, separating_threshold
+from discriminator.train import balanced_threshold, fit_platt, poly_schedule, separating_threshold
 from pipelines.config import Params
 from pipelines.train import run_train
 from tests.test_data import SIZE, TYPES, write_frozen_dataset, write_manifest
@@ -90,6 +90,31 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     assert model.config.memory_shape == [2, 4 * (SIZE // 8) ** 2]  # 2 normal shots x 4 flips x stride-8 cells
     assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
     assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
+
+
+def test_knn_head_scale_and_bias_are_platt_fitted_on_the_holdout_then_frozen(trained):
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=3)
+    params.train.detection_head = "knn"
+    result = run_train(params, dataset, manifest, root / "knn_platt", show_progress=False)
+    scale, bias = result.calibration.detection_scale, result.calibration.detection_bias
+    assert scale is not None and bias is not None and (scale, bias) != (1.0, 0.0)
+    head = Discriminator.from_pretrained(root / "knn_platt").detection_head
+    # frozen: the three training steps left the fitted values exactly as they were
+    assert head.scale.item() == pytest.approx(scale, rel=1e-6) and head.bias.item() == pytest.approx(bias, rel=1e-6)
+    # the paper's head has nothing to fit
+    assert json.loads((root / "model/train_log.json").read_text())["calibration"]["detection_scale"] is None
+
+
+def test_fit_platt_recovers_the_logistic_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(-10, 30, 200_000)
+    labels = rng.random(scores.size) < 1 / (1 + np.exp(-(0.25 * scores - 5.0)))
+    scale, bias = fit_platt(scores, labels)
+    assert scale == pytest.approx(0.25, abs=0.01) and bias == pytest.approx(-5.0, abs=0.2)
+    # separable classes: the ridge keeps the fit finite
+    scale, bias = fit_platt(np.array([0.0, 1.0, 2.0, 3.0]), np.array([0, 0, 1, 1]))
+    assert np.isfinite([scale, bias]).all() and scale > 0
 
 
 def test_separating_threshold_splits_the_classes_with_a_margin():
