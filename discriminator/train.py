@@ -66,9 +66,15 @@ def loss_parts(loss: losses.LossParts) -> dict[str, float]:
 
 def _with_margin(cut: float, scores: np.ndarray) -> float:
     """Decisions are `score > threshold`: move the cut (the lowest kept positive score) midway to
-    the next lower score, a margin on both sides instead of sitting on a calibration sample."""
+    the next lower score, a margin on both sides instead of sitting on a calibration sample. Kept
+    below the cut in the scores' own dtype too: float32 maps are compared in float32, where the
+    float64 midpoint of two neighbouring values can round back onto the cut."""
     below = scores[scores < cut]
-    return float((cut + below.max()) / 2 if below.size else np.nextafter(cut, -np.inf))
+    threshold = (cut + below.max()) / 2 if below.size else cut
+    dtype = scores.dtype.type if np.issubdtype(scores.dtype, np.floating) else np.float64
+    if dtype(threshold) >= dtype(cut):
+        threshold = np.nextafter(dtype(cut), dtype(-np.inf))
+    return float(threshold)
 
 
 def separating_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

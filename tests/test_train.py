@@ -117,6 +117,17 @@ def test_fit_platt_recovers_the_logistic_that_generated_the_labels():
     assert np.isfinite([scale, bias]).all() and scale > 0
 
 
+def test_threshold_separates_neighbouring_float32_scores():
+    low = np.float32(0.7)
+    high = np.nextafter(low, np.float32(1))  # one float32 step apart: the float64 midpoint rounds onto `high`
+    scores, labels = np.array([low, high], np.float32), np.array([0, 1])
+    threshold, f1 = separating_threshold(labels, scores)
+    assert f1 == 1.0
+    np.testing.assert_array_equal(scores > np.float32(threshold), labels.astype(bool))
+    threshold, _ = separating_threshold(np.array([1, 1]), scores)  # nothing below the cut
+    assert (scores > np.float32(threshold)).all()
+
+
 def test_separating_threshold_splits_the_classes_with_a_margin():
     labels = np.array([0, 0, 1, 1])
     threshold, f1 = separating_threshold(labels, np.array([0.1, 0.3, 0.7, 0.9]))
