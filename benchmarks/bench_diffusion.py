@@ -152,7 +152,7 @@ def report(label: str, seconds: dict, n_candidates: int, n_kept: int) -> None:
     parts = {k: seconds.get(k, 0.0) for k in ("unet", "vae", "text_encoder", "selection")}
     parts["other"] = total - sum(parts.values())
     shares = "  ".join(f"{k} {100 * v / total:4.1f}%" for k, v in parts.items())
-    print(f"{label:>16}: {total:7.1f} s  {total / n_kept:6.2f} s/kept image  "
+    print(f"{label:>16}: {total:7.1f} s  {total / n_kept:6.2f} s/kept image  {n_kept / total:6.3f} kept images/s  "
           f"{n_candidates / total:6.3f} candidates/s  {total / n_candidates:6.2f} s/candidate")
     print(f"{'':>16}  {shares}", flush=True)
 
