@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,15 +99,21 @@ def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, f
     return _with_margin(float(cuts[best]), scores), float((1.0 + tpr[best] - fpr[best]) / 2)
 
 
+def pool_batches(pool: ImagePool, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(images (B, 3, H, W) in [0, 1], defect masks (B, H, W) bool) of a pool in order, no augmentation."""
+    for start in range(0, len(pool), batch_size):
+        pairs = [to_tensors(pool[i]) for i in range(start, min(start + batch_size, len(pool)))]
+        yield torch.stack([image for image, _ in pairs]), torch.stack([target for _, target in pairs]).numpy() > 0
+
+
 def score_pool(predictor: Predictor, pool: ImagePool, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(anomaly maps (N, H, W), defect masks (N, H, W), image scores (N,)) of a pool, no augmentation."""
     maps, masks, scores = [], [], []
-    for start in range(0, len(pool), batch_size):
-        pairs = [to_tensors(pool[i]) for i in range(start, min(start + batch_size, len(pool)))]
-        prediction = predictor(torch.stack([image for image, _ in pairs]))
+    for images, batch_masks in pool_batches(pool, batch_size):
+        prediction = predictor(images)
         maps.append(prediction.anomaly_maps.numpy())
         scores.append(prediction.scores.numpy())
-        masks.append(torch.stack([target for _, target in pairs]).numpy() > 0)
+        masks.append(batch_masks)
     if not maps:
         return np.zeros((0, 1, 1), np.float32), np.zeros((0, 1, 1), bool), np.zeros(0, np.float32)
     return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
@@ -116,12 +123,11 @@ def pool_logits(model: torch.nn.Module, pool: ImagePool, device: torch.device,
                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(raw detection logits (N, H, W), defect masks (N, H, W)) of a non-empty pool, no augmentation."""
     logits, masks = [], []
-    for start in range(0, len(pool), batch_size):
-        pairs = [to_tensors(pool[i]) for i in range(start, min(start + batch_size, len(pool)))]
+    for images, batch_masks in pool_batches(pool, batch_size):
         with torch.inference_mode(), autocast(device):
-            output = model(torch.stack([image for image, _ in pairs]).to(device))
+            output = model(images.to(device))
         logits.append(output.detection_logits.float()[:, 0].cpu().numpy())
-        masks.append(torch.stack([target for _, target in pairs]).numpy() > 0)
+        masks.append(batch_masks)
     return np.concatenate(logits), np.concatenate(masks)
 
 
