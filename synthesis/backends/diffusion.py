@@ -364,34 +364,31 @@ class DiffusionBackend:
                 assert tr.timesteps[i - (len(longest) - len(tr.timesteps))] == t
                 extra = pipe.prepare_extra_step_kwargs([generators[p] for p in tr.jobs], 0.0)
                 tr.latents = tr.scheduler.step(part, t, tr.latents, **extra, return_dict=False)[0]
-        # 6. decode each request's candidates around its mask (the rest is pasted back later)
+        # 6. decode the candidates that share a decode box in one batch (all of them when whole
+        #    images are decoded); the pixels outside the mask are pasted back later
         latents: list[torch.Tensor | None] = [None] * len(jobs)
         for tr in tracks:
             for p, row in zip(tr.jobs, tr.latents.split(1)):
                 latents[p] = row / scale
+        boxes = [_decode_box(np.asarray(mask) > 0, pipe.vae_scale_factor, self.decode_context) for mask in masks]
+        by_box: dict[tuple[int, int, int, int], list[int]] = {}
+        for p in range(len(jobs)):
+            by_box.setdefault(boxes[slots[p]], []).append(p)
         out: list[np.ndarray | None] = [None] * len(jobs)
-        for s in range(len(used)):
-            group = [p for p in range(len(jobs)) if slots[p] == s]
-            box = _decode_box(np.asarray(masks[s]) > 0, pipe.vae_scale_factor, self.decode_context)
-            for p, image in zip(group, self._decode(torch.cat([latents[p] for p in group]), images[s], box)):
-                out[p] = image
+        f = pipe.vae_scale_factor
+        for (top, bottom, left, right), group in by_box.items():
+            decoded = self._decode(torch.cat([latents[p] for p in group])[:, :, top:bottom, left:right])
+            for p, pixels in zip(group, decoded):
+                canvas = np.array(images[slots[p]].convert("RGB"))  # the working-size start image
+                canvas[top * f : bottom * f, left * f : right * f] = pixels
+                out[p] = canvas
         return out
 
-    def _decode(self, latents: torch.Tensor, start: Image.Image, box: tuple[int, int, int, int]) -> list[np.ndarray]:
-        """Decode the latent cells `box` (top, bottom, left, right) onto copies of the working-size
-        start image; with the whole latent as the box this is the pipeline's own decode."""
-        vae, f = self.pipeline.vae, self.pipeline.vae_scale_factor
-        top, bottom, left, right = box
-        crop = latents[:, :, top:bottom, left:right].to(vae.dtype)
-        decoded = vae.decode(crop, return_dict=False)[0]
-        decoded = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        canvas = np.asarray(start.convert("RGB"))
-        out = []
-        for image in decoded:
-            full = canvas.copy()
-            full[top * f : bottom * f, left * f : right * f] = _to_uint8(image)
-            out.append(full)
-        return out
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, 4, h, w) unscaled latents -> (B, h*f, w*f, 3) uint8, as the pipeline post-processes."""
+        vae = self.pipeline.vae
+        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return _to_uint8((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
 
     def _start_track(self, strength, positions, image_lat, noise, scale, device) -> _Track:
         scheduler = copy.deepcopy(self.pipeline.scheduler)
