@@ -26,8 +26,8 @@ from discriminator.backbones import build_backbone  # noqa: E402
 from discriminator.memory import FLIPS, memory_levels, nearest_distances, patch_features  # noqa: E402
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
 from discriminator.predict import images_to_tensor  # noqa: E402
-from pipelines.images import read_sample  # noqa: E402
-from pipelines.manifest import Manifest  # noqa: E402
+from core.images import read_sample  # noqa: E402
+from core.manifest import Manifest  # noqa: E402
 
 
 def main() -> None:

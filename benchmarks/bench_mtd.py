@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.manifest import write_text_atomic
+from core.manifest import write_text_atomic
 
 MTD_TYPES = ["blowhole", "break", "crack", "fray", "uneven"]
 METRICS = [("I-AUROC", "image_auroc"), ("P-AUROC", "pixel_auroc"), ("PRO", "aupro"),

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from discriminator.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
-from pipelines.errors import InputError
+from core.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 from discriminator.config import TrainConfig
-from pipelines.errors import InputError
-from pipelines.images import decode_png, read_sample, resize_image, resize_mask
-from pipelines.manifest import Manifest, Sample
+from core.errors import InputError
+from core.images import decode_png, read_sample, resize_image, resize_mask
+from core.manifest import Manifest, Sample
 
 SHARD_GLOB = "data/train-*.parquet"
 MAX_SHIFT_FRACTION = 1 / 16  # small shifts keep thin defects inside the frame

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.errors import InputError
+from core.errors import InputError
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discriminator.backbones import looks_like_path, model_load_error
-from pipelines.errors import InputError
+from core.errors import InputError
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {type} defect",

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
 from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features
-from pipelines.errors import InputError
-from pipelines.manifest import write_text_atomic
+from core.errors import InputError
+from core.manifest import write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

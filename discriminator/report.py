@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from pipelines.images import write_png  # noqa: E402
+from core.images import write_png  # noqa: E402
 
 OVERLAY_ALPHA = 0.5
 

@@ -25,7 +25,7 @@ from discriminator.data import ImagePool, TrainingData, to_tensors
 from discriminator.metrics import best_f1
 from discriminator.model import MemoryDetectionHead
 from discriminator.predict import Predictor, autocast, resolve_device
-from pipelines.manifest import write_text_atomic
+from core.manifest import write_text_atomic
 
 TRAIN_LOG = "train_log.json"
 

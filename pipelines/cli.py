@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.errors import InputError
+from core.errors import InputError
 
 PARAMS_OPTION = click.option(
     "--params", "params_path", default="params.yaml", show_default=True,

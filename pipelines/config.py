@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from discriminator.config import EvaluateConfig, TrainConfig
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.config import SynthesisConfig
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipelines.images import encode_png
+from core.images import encode_png
 from synthesis.noise import fractal_noise
 from synthesis.seeding import numpy_rng
 

@@ -27,9 +27,9 @@ from discriminator.model import Discriminator
 from discriminator.predict import Prediction, Predictor, decide, images_to_tensor, resolve_device
 from discriminator.report import OverlayRow, save_confusion_matrix, save_overlay_grid
 from pipelines.config import Params
-from pipelines.errors import InputError
-from pipelines.images import read_sample
-from pipelines.manifest import Manifest, Sample, write_text_atomic
+from core.errors import InputError
+from core.images import read_sample
+from core.manifest import Manifest, Sample, write_text_atomic
 
 REFERENCE_THRESHOLD = 0.5  # on min-max normalised maps and scores
 REFERENCE_NOTE = (

@@ -8,7 +8,7 @@ from typing import Iterator
 from discriminator.model import Discriminator
 from discriminator.predict import Predictor, images_to_tensor, resolve_device
 from discriminator.report import save_overlay
-from pipelines.images import read_image
+from core.images import read_image
 
 BATCH_SIZE = 8
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipelines.errors import InputError
-from pipelines.images import image_size, read_image, read_mask, read_sample
-from pipelines.manifest import NORMAL, Manifest, Sample
+from core.errors import InputError
+from core.images import image_size, read_image, read_mask, read_sample
+from core.manifest import NORMAL, Manifest, Sample
 from pipelines.sources import SourceData, read_source
 
 

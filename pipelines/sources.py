@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.errors import InputError
-from pipelines.images import is_image_file
-from pipelines.manifest import NORMAL, Sample
+from core.errors import InputError
+from core.images import is_image_file
+from core.manifest import NORMAL, Sample
 
 NORMAL_FOLDERS = ("good", "normal")
 MTD_CATEGORY = "magnetic_tile"

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from pipelines.errors import InputError
-from pipelines.images import read_image, read_sample
-from pipelines.manifest import Manifest, Sample
+from core.errors import InputError
+from core.images import read_image, read_sample
+from core.manifest import Manifest, Sample
 from synthesis.backends.base import PaintBackend
 from synthesis.config import SynthesisConfig
 from synthesis.dataset import DatasetSummary, push_to_hub

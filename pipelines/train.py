@@ -13,7 +13,7 @@ from discriminator.data import build_training_data
 from discriminator.model import Discriminator, DiscriminatorConfig
 from discriminator.train import TrainResult, train_discriminator
 from pipelines.config import Params
-from pipelines.manifest import Manifest
+from core.manifest import Manifest
 
 
 def model_config(params: Params, manifest: Manifest) -> DiscriminatorConfig:

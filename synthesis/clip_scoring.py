@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import Candidate, PaintRequest
 
 

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.errors import InputError
-from pipelines.images import encode_png
-from pipelines.manifest import write_text_atomic
+from core.errors import InputError
+from core.images import encode_png
+from core.manifest import write_text_atomic
 
 DATA_DIR = "data"
 CARD_NAME = "README.md"

@@ -13,7 +13,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.config import ForegroundConfig
 
 ForegroundFn = Callable[[np.ndarray], np.ndarray]

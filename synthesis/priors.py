@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.noise import fractal_noise
 
 # Size classes as fractions of the image area (H * W): the shape's area is drawn uniformly in its range.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
+from core.errors import InputError
 
 
 @dataclass

@@ -21,8 +21,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.errors import InputError
-from pipelines.manifest import write_text_atomic
+from core.errors import InputError
+from core.manifest import write_text_atomic
 from synthesis.backends.base import PaintBackend, PaintRequest
 from synthesis.config import SynthesisConfig
 from synthesis.dataset import (

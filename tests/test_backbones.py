@@ -12,7 +12,7 @@ import torch
 
 from discriminator.backbones import IMAGENET_MEAN, build_backbone, default_layers
 from discriminator.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
-from pipelines.errors import InputError
+from core.errors import InputError
 
 GRACE_HOPPER = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 MILITARY_UNIFORM = 652  # ImageNet class of that photo

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import PaintRequest
 from synthesis.backends.classical import (
     FEW_SHOT_BLENDS,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import Candidate, PaintRequest
 from synthesis.clip_scoring import ClipRegionScorer, region_crop
 from synthesis.selection import select_best

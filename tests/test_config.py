@@ -6,7 +6,7 @@ import pytest
 
 from discriminator.config import TrainConfig
 from pipelines.config import Params, load_params
-from pipelines.errors import InputError
+from core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 

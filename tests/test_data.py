@@ -32,9 +32,9 @@ from discriminator.data import (
     split_holdout,
     step_rng,
 )
-from pipelines.errors import InputError
-from pipelines.images import encode_png, write_png
-from pipelines.manifest import Manifest, Sample
+from core.errors import InputError
+from core.images import encode_png, write_png
+from core.manifest import Manifest, Sample
 
 CATEGORY = "tile"
 TYPES = ["scratch", "spot"]

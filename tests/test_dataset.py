@@ -13,7 +13,7 @@ import pytest
 import yaml
 from huggingface_hub.utils import filter_repo_objects
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.dataset import (
     CardInfo,
     DatasetRow,

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.demo_data import DEFECTS, generate_demo_dataset
-from pipelines.images import read_sample
+from core.images import read_sample
 from pipelines.prepare import prepare_manifest
 from pipelines.sources import read_source
 

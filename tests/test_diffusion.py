@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import PaintRequest
 from synthesis.backends.diffusion import DiffusionBackend, _decode_box, _latent_cover, resolve_dtype, tune_for_device
 from synthesis.config import DiffusionConfig

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from discriminator.predict import decide, type_mass_by_level
-from pipelines.errors import InputError
+from core.errors import InputError
 from pipelines.evaluate import overlay_indices, reference_prediction, run_evaluate
-from pipelines.images import read_image
-from pipelines.manifest import Manifest
+from core.images import read_image
+from core.manifest import Manifest
 from pipelines.train import run_train
 from tests.test_data import write_frozen_dataset, write_manifest
 from tests.test_train import tiny_params

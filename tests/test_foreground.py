@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.config import ForegroundConfig
 from synthesis.foreground import SegmentationForeground, classical_foreground, make_foreground
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.images import (
+from core.errors import InputError
+from core.images import (
     decode_png,
     encode_png,
     image_size,
@@ -11,7 +11,7 @@ from pipelines.images import (
     read_sample,
     write_png,
 )
-from pipelines.manifest import Sample
+from core.manifest import Sample
 from tests.helpers import data
 
 

@@ -7,7 +7,7 @@ import torch
 
 from discriminator.memory import NormalMemory, flipped_views, memory_levels, nearest_distances
 from discriminator.model import Discriminator, DiscriminatorConfig
-from pipelines.errors import InputError
+from core.errors import InputError
 
 RANDOM_LITE0 = {"name": "efficientnet_lite0", "pretrained": False}
 

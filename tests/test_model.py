@@ -12,7 +12,7 @@ from discriminator.backbones import build_backbone
 from discriminator.embeddings import LearnedTypeEmbeddings, TextTypeEmbeddings, encode_type_prompts, type_prompts
 from discriminator.losses import discriminator_loss
 from discriminator.model import CONFIG_NAME, WEIGHTS_NAME, Discriminator, DiscriminatorConfig
-from pipelines.errors import InputError
+from core.errors import InputError
 from tests.test_backbones import save_tiny_vision_model
 from tests.tiny_models import VOCAB_SIZE, get_dummy_clip, get_dummy_tokenizer
 

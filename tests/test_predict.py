@@ -11,8 +11,8 @@ from torch import nn
 
 from discriminator.model import Discriminator, DiscriminatorConfig, DiscriminatorOutput
 from discriminator.predict import Predictor, top_k_scores
-from pipelines.errors import InputError
-from pipelines.images import read_image, write_png
+from core.errors import InputError
+from core.images import read_image, write_png
 from pipelines.predict import run_predict
 
 LOGIT = {0.9: 2.1972246, 0.8: 1.3862944, 0.6: 0.4054651, 0.1: -2.1972246}  # logit(p)

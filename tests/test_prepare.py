@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.manifest import Manifest
+from core.errors import InputError
+from core.manifest import Manifest
 from pipelines.prepare import prepare_manifest
 from tests.helpers import data
 

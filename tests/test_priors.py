@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.priors import (
     SHAPES,
     SIZE_CLASSES,

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.regions import RegionPatch, augment_region, cut_regions, place_region
 
 SIZE = 96

@@ -13,9 +13,9 @@ import datasets
 import numpy as np
 import pytest
 
-from pipelines.errors import InputError
-from pipelines.images import write_png
-from pipelines.manifest import Manifest, Sample
+from core.errors import InputError
+from core.images import write_png
+from core.manifest import Manifest, Sample
 from synthesis.backends.base import Candidate
 from synthesis.config import SynthesisConfig
 from synthesis.dataset import shard_path, validate_dataset

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from pipelines.sources import READERS, detect_layout, read_source
 from tests.helpers import data
 

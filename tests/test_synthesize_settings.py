@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from pipelines.synthesize import check_settings
 from synthesis.config import SynthesisConfig
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import Candidate, PaintRequest
 from synthesis.noise import fractal_noise
 from synthesis.seeding import numpy_rng

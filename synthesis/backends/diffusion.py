@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.errors import InputError
+from core.errors import InputError
 from synthesis.backends.base import Candidate, PaintRequest
 from synthesis.config import DiffusionConfig
 from synthesis.seeding import derive_seed, torch_generator

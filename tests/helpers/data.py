@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipelines.images import write_png
-from pipelines.manifest import NORMAL
+from core.images import write_png
+from core.manifest import NORMAL
 
 SIZE = 32
 

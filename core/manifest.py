@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.errors import InputError
+from core.errors import InputError
 
 NORMAL = "normal"
 MANIFEST_VERSION = 1

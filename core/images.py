@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipelines.errors import InputError
-from pipelines.manifest import Sample
+from core.errors import InputError
+from core.manifest import Sample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Real masks are not clean: MTD's carry anti-aliased edges and JPEG-like noise near 0 and 255 (in
