@@ -7,14 +7,13 @@ raise `InputError` naming the file, so a broken dataset fails at `prepare`, not 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from core.atomic import write_bytes_atomic
 from core.errors import InputError
 from core.manifest import Sample
 
@@ -110,13 +109,17 @@ def _mask_plane(raw: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def binarize_mask(plane: np.ndarray, path: str | Path | None = None) -> np.ndarray:
-    """Threshold an 8-bit mask at > 127; 0/1 masks count as binary too.
+    """A boolean defect mask from an 8- or 16-bit mask plane.
 
-    Raises when the mask is clearly not binary: more than `MAX_GREY_FRACTION` of all its pixels
-    mid-grey (see `GREY_RANGE`).
+    A two-valued 0/k mask marks the defect wherever it is non-zero, whatever k (0/1, 0/100, a
+    class id such as 0/3, 0/255): read at > 127, any k <= 127 would silently become an empty mask.
+    Anything else (anti-aliased or noisy 0/255 masks) is thresholded at > 127, and raises when it
+    is clearly not binary: more than `MAX_GREY_FRACTION` of all its pixels mid-grey (`GREY_RANGE`).
     """
-    if plane.max(initial=0) <= 1:
-        return plane > 0
+    nonzero = plane[plane != 0]
+    if nonzero.size == 0 or nonzero.min() == nonzero.max():
+        return plane != 0
+    plane = _to_uint8(plane, path)
     lo, hi = GREY_RANGE
     grey = np.count_nonzero((plane >= lo) & (plane <= hi))
     if grey > MAX_GREY_FRACTION * plane.size:
@@ -149,7 +152,7 @@ def read_mask(
     if mask_value is not None:
         mask = plane == mask_value
     else:
-        mask = binarize_mask(_to_uint8(plane, path), path)
+        mask = binarize_mask(plane, path)
     return resize_mask(mask, size) if size else mask
 
 
@@ -200,16 +203,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def write_png(path: str | Path, arr: np.ndarray) -> None:
     """Write a PNG atomically (temp file + rename): a crash never leaves a truncated image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encode_png(arr))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, encode_png(arr))
 
 
 def is_image_file(path: Path) -> bool:

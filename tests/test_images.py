@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -74,6 +75,19 @@ def test_read_mask_thresholds_and_tolerates_mtd_like_noise(tmp_path):
 def test_zero_one_mask_counts_as_binary(tmp_path):
     write_png(tmp_path / "m.png", data.defect_mask(value=1))
     np.testing.assert_array_equal(read_mask(tmp_path / "m.png", (32, 32)), data.defect_mask() > 0)
+
+
+@pytest.mark.parametrize("value", [1, 3, 100, 127, 128, 255])
+def test_two_valued_mask_marks_every_nonzero_pixel(tmp_path, value):
+    """0/k masks of any k (class ids 0/3 in a folder dataset, 0/100) must not read as empty."""
+    write_png(tmp_path / "m.png", data.defect_mask(value=value))
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png", (32, 32)), data.defect_mask() > 0)
+
+
+def test_sixteen_bit_zero_one_mask_is_not_rounded_away(tmp_path):
+    path = tmp_path / "m16.png"
+    assert cv2.imwrite(str(path), data.defect_mask().astype(np.uint16) // 255)  # 0/1 in 16 bits
+    np.testing.assert_array_equal(read_mask(path, (32, 32)), data.defect_mask() > 0)
 
 
 def test_non_binary_mask_is_rejected(tmp_path):
