@@ -82,6 +82,17 @@ def prepare(params_path: str, overrides: tuple[str, ...], out: str) -> None:
         f"{len(manifest.normal_shots)} normal + {len(manifest.anomaly_shots)} anomalous shots, "
         f"{len(manifest.test)} test images"
     )
+    _report_excluded(manifest)
+
+
+def _report_excluded(manifest) -> None:
+    """Every anomalous image left out of the test set, by name: a mask format misread as empty
+    must show up here, not only in the manifest."""
+    excluded = manifest.source.get("excluded_empty_masks", [])
+    if excluded:
+        click.echo(f"excluded {len(excluded)} anomalous images whose mask is empty:")
+        for path in excluded:
+            click.echo(f"  excluded (empty mask): {path}")
 
 
 @cli.command()

@@ -161,3 +161,24 @@ def test_real_mtd_protocol():
     test_stems = {s.stem for s in m.test}
     assert not MTD_EMPTY & test_stems
     assert len(m.test) == 952 + 115 + 85 + 57 + 32 + 103 - 2 - 5 - 4
+
+
+def test_prepare_reads_class_id_masks_and_lists_every_excluded_image(tmp_path):
+    """A folder dataset whose masks store a class id (0/3) keeps its images; an image whose mask
+    really is empty is named in the command's output, not only in the manifest."""
+    from click.testing import CliRunner
+
+    from core.images import write_png
+    from pipelines.cli import cli
+
+    root = data.make_folder(tmp_path / "ds", data.DummySpec(empty_masks={"crack": [1]}))
+    for mask in (root / "hole" / "masks").glob("*.png"):
+        write_png(mask, data.defect_mask() // 255 * 3)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  root: {root}\n  layout: folder\n  k_normal: 1\n")
+    result = CliRunner().invoke(cli, ["prepare", "--params", str(params), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    m = Manifest.load(tmp_path / "out" / "manifest.json")
+    assert sorted(_rel([s for s in m.test if s.anomaly_type == "hole"], root)) == ["hole/000.png", "hole/001.png"]
+    assert f"excluded (empty mask): {root / 'crack' / '001.png'}" in result.output
+    assert "excluded 1 anomalous images" in result.output
