@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.atomic import write_text_atomic  # re-exported: the stages import it from here
 from core.errors import InputError
 
 NORMAL = "normal"
@@ -103,14 +102,3 @@ class Manifest:
             raise InputError(f"not a valid manifest ({exc})", path) from None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
 from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features
+from core.atomic import atomic_path
 from core.errors import InputError
 from core.manifest import write_text_atomic
 
@@ -328,15 +327,8 @@ class Discriminator(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors then config.json (last, so its presence marks a complete save)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_model(self, tmp, metadata={"format": "pt", "model_type": MODEL_TYPE})
-            os.replace(tmp, directory / WEIGHTS_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
         payload = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.config.to_dict()}
         write_text_atomic(directory / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 

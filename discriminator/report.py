@@ -6,8 +6,6 @@ is written atomically, like the rest of the project's outputs.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from core.atomic import atomic_path  # noqa: E402
 from core.images import write_png  # noqa: E402
 
 OVERLAY_ALPHA = 0.5
@@ -39,15 +38,9 @@ def overlay(image: np.ndarray, type_map: np.ndarray, num_classes: int) -> np.nda
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

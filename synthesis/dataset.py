@@ -9,9 +9,7 @@ writes them) and the YAML of the dataset card, so `datasets.load_dataset(<dir>)`
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from core.atomic import atomic_path
 from core.errors import InputError
 from core.images import encode_png
 from core.manifest import write_text_atomic
@@ -122,18 +121,9 @@ def rows_to_table(rows: Sequence[DatasetRow], features: datasets.Features) -> pa
 
 def write_shard(rows: Sequence[DatasetRow], path: str | Path, features: datasets.Features) -> None:
     """Write one Parquet shard atomically: a crash leaves either the whole shard or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = rows_to_table(rows, features)
-    # hidden temp name: neither the `data/train-*` glob nor `datasets` ever picks it up
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # hidden temp name: neither `data/train-*` nor `datasets` picks it up
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
