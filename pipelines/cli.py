@@ -101,12 +101,19 @@ def _report_excluded(manifest) -> None:
 @MANIFEST_OPTION
 @click.option("--out", default="data/synthetic", show_default=True, type=click.Path(file_okay=False),
               help="Folder of the frozen dataset (Parquet shards + README.md card).")
-def synthesize(params_path: str, overrides: tuple[str, ...], manifest_path: str, out: str) -> None:
-    """Render the synthetic anomaly dataset (resumable; run under `accelerate launch` for many processes)."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace a dataset made with other settings in --out (only its own files are removed).")
+def synthesize(params_path: str, overrides: tuple[str, ...], manifest_path: str, out: str, overwrite: bool) -> None:
+    """Render the synthetic anomaly dataset (resumable; run under `accelerate launch` for many processes).
+
+    OUT must be new, empty or made by this command; a dataset there made with the same settings is
+    resumed, one made with other settings is only replaced with --overwrite.
+    """
     from pipelines.synthesize import run_synthesize
 
     params = _params(params_path, overrides)
-    run_synthesize(manifest_path, out, params.synthesis, image_size=params.image_size, global_seed=params.seed)
+    run_synthesize(manifest_path, out, params.synthesis, image_size=params.image_size, global_seed=params.seed,
+                   overwrite=overwrite)
 
 
 @cli.command()

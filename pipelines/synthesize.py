@@ -21,7 +21,7 @@ from synthesis.config import SynthesisConfig
 from synthesis.dataset import DatasetSummary, push_to_hub
 from synthesis.foreground import make_foreground
 from synthesis.priors import parse_priors
-from synthesis.render import RenderInputs, finalize, prompt_choices, render
+from synthesis.render import RenderInputs, check_out_folder, finalize, prompt_choices, render
 from synthesis.selection import CandidateScorer
 
 BackendFactory = Callable[[SynthesisConfig], PaintBackend]
@@ -114,8 +114,13 @@ def run_synthesize(
     image_size: int,
     global_seed: int,
     backend_factory: BackendFactory | None = None,
+    overwrite: bool = False,
 ) -> DatasetSummary | None:
-    """Render this process's share; the main process returns the finished dataset's summary."""
+    """Render this process's share; the main process returns the finished dataset's summary.
+
+    `out_dir` must be new, empty or made by this command; another job's dataset there is only
+    replaced with `overwrite`.
+    """
     import torch
     from accelerate import PartialState  # initialises torch.distributed under `accelerate launch`
 
@@ -126,6 +131,7 @@ def run_synthesize(
     if not manifest.anomaly_types:
         raise InputError("manifest lists no anomaly types to synthesize", manifest_path)
     check_settings(config, manifest.anomaly_types)
+    check_out_folder(out_dir)  # before loading any model: a foreign folder is refused at once
     inputs = load_inputs(manifest, image_size)
     backend = (backend_factory or build_backend)(config)
     render(
@@ -140,6 +146,7 @@ def run_synthesize(
         foreground=make_foreground(config.foreground),
         barrier=state.wait_for_everyone,
         progress=state.is_main_process,
+        overwrite=overwrite,
     )
     state.wait_for_everyone()
     return finalize(out_dir) if state.is_main_process else None

@@ -83,7 +83,7 @@ class RenderReport:
     written: list[int]  # shard indices rendered by this call
     skipped: list[int]  # shard indices of this rank already on disk
     rows_written: int
-    fresh_start: bool  # an older, different job's output was discarded
+    fresh_start: bool  # a different job's output was removed (only with overwrite)
 
 
 def plan_tasks(
@@ -305,28 +305,94 @@ def read_state(out_dir: str | Path) -> dict | None:
         return None  # unreadable state cannot vouch for the shards next to it: treated as a different job
 
 
-def prepare_output(out_dir: str | Path, state: dict) -> bool:
-    """Main process only, before any rank writes: clean up, then resume or start fresh.
+def changed_settings(previous: dict, state: dict) -> list[str]:
+    """Names of what differs between two jobs' states, for the refusal message."""
+    changed = [key for key in ("global_seed", "category", "class_names", "backend", "num_tasks")
+               if previous.get(key) != state.get(key)]
+    old_params, new_params = previous.get("params") or {}, state.get("params") or {}
+    changed += [f"synthesis.{key}" for key in sorted(set(old_params) | set(new_params))
+                if key != "batch_size" and old_params.get(key) != new_params.get(key)]
+    return changed or ["the input images or the scorer"]
 
-    Returns True when the output of a different job was discarded.
+
+def _planned_shards(out_dir: Path, num_shards: int) -> set[Path]:
+    return {shard_path(out_dir, i, num_shards) for i in range(num_shards)}
+
+
+def _own_shards(out_dir: Path, state: dict | None) -> list[Path]:
+    """Shards the job recorded in `state` planned, that are on disk."""
+    if not state or not isinstance(state.get("num_shards"), int):
+        return []
+    planned = _planned_shards(out_dir, state["num_shards"])
+    return [p for p in list_shards(out_dir) if p in planned]
+
+
+def check_out_folder(out_dir: str | Path) -> None:
+    """Refuse a folder this tool did not make, unless it is empty: it holds someone's files."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("the output folder is a file", out_dir)
+    if (out_dir / STATE_NAME).is_file():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries:
+        raise InputError(
+            f"folder is not empty and was not made by `uniadc synthesize` (no {STATE_NAME}; holds "
+            f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); nothing was changed: "
+            "choose a new or empty --out folder",
+            out_dir,
+        )
+
+
+def prepare_output(out_dir: str | Path, state: dict, overwrite: bool = False) -> bool:
+    """Main process only, before any rank writes: claim the folder, then resume or start over.
+
+    The folder must be new, empty, or one this tool made (it holds `render_state.json`). A folder
+    holding another job's output (other settings) is only replaced with `overwrite`, and then only
+    the files this tool wrote are removed. Returns True when another job's output was removed.
     """
     out_dir = Path(out_dir)
+    state_path = out_dir / STATE_NAME
+    if not state_path.is_file():
+        check_out_folder(out_dir)
+        write_text_atomic(state_path, json.dumps(state, indent=1))
+        return False
     for stale in remove_stale_temp_files(out_dir):
         log.info("removed stale temp file %s", stale)
     previous = read_state(out_dir)
-    if previous is not None and previous.get("fingerprint") == state["fingerprint"]:
-        return False
-    old = list_shards(out_dir)
-    if old or previous is not None:
-        log.warning(
-            "%s holds output of a different synthesis job (plan or settings changed); starting fresh, removing %d shards",
+    replaced = False
+    if previous is None or previous.get("fingerprint") != state["fingerprint"]:
+        _replace_other_job(out_dir, previous, state, overwrite)
+        replaced = True
+    strays = sorted(set(list_shards(out_dir)) - _planned_shards(out_dir, state["num_shards"]))
+    if strays:  # not written by this job: never deleted, and they would mix into the dataset
+        raise InputError(
+            f"{len(strays)} shard(s) this job did not plan are in data/ (first: {strays[0].name}); "
+            "move them away or choose another --out",
             out_dir,
-            len(old),
         )
-    for path in [*old, out_dir / CARD_NAME]:
+    return replaced
+
+
+def _replace_other_job(out_dir: Path, previous: dict | None, state: dict, overwrite: bool) -> None:
+    """Another job's output (or an unreadable state): refuse, or with `overwrite` remove its own files."""
+    own = _own_shards(out_dir, previous)
+    card = out_dir / CARD_NAME
+    if not overwrite:
+        if previous is None:
+            what = f"an unreadable {STATE_NAME}"
+        else:
+            done = "a finished dataset" if card.is_file() else f"a partial render ({len(own)} of {previous.get('num_shards')} shards)"
+            what = f"{done} made with other settings (changed: {', '.join(changed_settings(previous, state))})"
+        raise InputError(
+            f"holds {what}; nothing was changed: pass --overwrite to replace it (only the files "
+            "`uniadc synthesize` wrote are removed), or choose another --out",
+            out_dir,
+        )
+    log.warning("%s: --overwrite: removing the other job's %d shards and its card", out_dir, len(own))
+    for path in [*own, card]:
         path.unlink(missing_ok=True)
     write_text_atomic(out_dir / STATE_NAME, json.dumps(state, indent=1))
-    return bool(old or previous is not None)
 
 
 def render(
@@ -342,8 +408,12 @@ def render(
     foreground: ForegroundFn | None = None,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RenderReport:
-    """Render this rank's missing shards. `barrier` syncs ranks after the main one prepared the output."""
+    """Render this rank's missing shards. `barrier` syncs ranks after the main one prepared the output.
+
+    `overwrite` lets a different job's output in `out_dir` be replaced (see `prepare_output`).
+    """
     out_dir = Path(out_dir)
     zero_shot_scorer = zero_shot_scorer or VisibilityScorer()
     tasks = plan_tasks(
@@ -354,7 +424,7 @@ def render(
         tasks, len(chunks), inputs, config, backend.name, type(zero_shot_scorer).__name__, global_seed
     )
 
-    fresh = prepare_output(out_dir, state) if rank == 0 else False
+    fresh = prepare_output(out_dir, state, overwrite=overwrite) if rank == 0 else False
     if barrier is not None:
         barrier()
     if rank != 0 and (read_state(out_dir) or {}).get("fingerprint") != state["fingerprint"]:

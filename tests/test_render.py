@@ -213,28 +213,89 @@ def test_rerun_of_finished_job_renders_nothing(tmp_path):
     assert report.written == [] and report.skipped == [0, 1, 2, 3] and backend.batch_sizes == []
 
 
-def test_changed_settings_start_fresh(tmp_path, caplog):
-    run(tmp_path)
-    finalize(tmp_path)
-    old_fingerprint = read_state(tmp_path)["fingerprint"]
+def dir_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_changed_settings_refuse_to_replace_a_finished_dataset(tmp_path):
+    out = tmp_path / "out"
+    run(out)
+    finalize(out)
+    before = dir_bytes(out)
+    with pytest.raises(InputError, match=r"holds a finished dataset made with other settings \(changed: "
+                                         r"synthesis.shard_size, synthesis.strengths\).*--overwrite"):
+        run(out, make_config(strengths=[0.9], shard_size=4))
+    assert dir_bytes(out) == before  # nothing touched
+
+
+def test_overwrite_replaces_only_the_tools_own_files(tmp_path):
+    out = tmp_path / "out"
+    run(out)
+    finalize(out)
+    old_fingerprint = read_state(out)["fingerprint"]
+    (out / "notes.txt").write_text("the user's")
     new_config = make_config(strengths=[0.9], shard_size=4)
-    with caplog.at_level("WARNING"):
-        report = run(tmp_path, new_config)
-    assert report.fresh_start and "starting fresh" in caplog.text
-    assert sorted(shard_bytes(tmp_path)) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
-    assert not (tmp_path / "README.md").exists()  # the old card described the old job
-    assert read_state(tmp_path)["fingerprint"] != old_fingerprint
-    clean = tmp_path / "clean"
-    run(clean, new_config)
-    assert shard_bytes(tmp_path) == shard_bytes(clean)
+    report = run(out, new_config, overwrite=True)
+    assert report.fresh_start
+    assert sorted(shard_bytes(out)) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert not (out / "README.md").exists()  # the old card described the old job
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert read_state(out)["fingerprint"] != old_fingerprint
+    run(tmp_path / "clean", new_config)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
 
 
-def test_changed_input_images_start_fresh(tmp_path):
-    run(tmp_path)
+def test_changed_input_images_refuse_a_partial_render_unless_overwrite(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, backend=FakeBackend(fail_after_calls=3))
     inputs = make_inputs()
     inputs.normal_images[0] = (inputs.normal_images[0][0], surface(99))
-    report = render(inputs, make_config(), FakeBackend(), tmp_path, global_seed=SEED, progress=False)
+    with pytest.raises(InputError, match=r"holds a partial render \(\d of 4 shards\).*the input images"):
+        render(inputs, make_config(), FakeBackend(), tmp_path, global_seed=SEED, progress=False)
+    report = render(inputs, make_config(), FakeBackend(), tmp_path, global_seed=SEED, progress=False, overwrite=True)
     assert report.fresh_start and report.written == [0, 1, 2, 3]
+
+
+def test_refuses_a_foreign_folder_and_touches_nothing(tmp_path):
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "README.md").write_text("my notes")
+    (out / "data" / "train-00000-of-00004.parquet").write_bytes(b"my own shard")
+    before = dir_bytes(out)
+    for overwrite in (False, True):  # --overwrite never applies to a folder the tool did not make
+        with pytest.raises(InputError, match=r"mine: folder is not empty and was not made by `uniadc synthesize`"):
+            run(out, overwrite=overwrite)
+    assert dir_bytes(out) == before
+
+
+def test_cli_refuses_a_users_folder_in_one_line_and_keeps_its_files(tmp_path):
+    import sys
+
+    manifest = write_manifest(tmp_path / "src")
+    (tmp_path / "p.yaml").write_text("seed: 0\n")
+    user = tmp_path / "user"
+    (user / "data").mkdir(parents=True)
+    (user / "README.md").write_text("my readme")
+    (user / "data" / "train-00000-of-00002.parquet").write_bytes(b"my shard")
+    cmd = [sys.executable, "-m", "pipelines.cli", "synthesize", "--params", "p.yaml", "--manifest", str(manifest),
+           "--out", str(user), "--set", "synthesis.images_per_type=1"]
+    done = subprocess.run(cmd + ["--overwrite"], cwd=tmp_path, capture_output=True, text=True)  # not even then
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {user}: folder is not empty and was not made by `uniadc synthesize` (no {STATE_NAME}; holds "
+        "README.md, data); nothing was changed: choose a new or empty --out folder"
+    ]
+    assert (user / "README.md").read_text() == "my readme"
+    assert (user / "data" / "train-00000-of-00002.parquet").read_bytes() == b"my shard"
+
+
+def test_a_shard_the_job_did_not_plan_is_kept_and_refused(tmp_path):
+    run(tmp_path)
+    stray = tmp_path / "data" / "train-00000-of-00009.parquet"
+    stray.write_bytes(b"not ours")
+    with pytest.raises(InputError, match="1 shard.* this job did not plan.*train-00000-of-00009"):
+        run(tmp_path)
+    assert stray.read_bytes() == b"not ours"
 
 
 def test_rank_with_a_different_plan_refuses_to_write(tmp_path):
