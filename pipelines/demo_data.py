@@ -9,6 +9,8 @@ generator seeded by (seed, split, type, index), so changing one count never chan
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -17,11 +19,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.errors import InputError
 from core.images import encode_png
 from synthesis.noise import fractal_noise
 from synthesis.seeding import numpy_rng
 
 DEMO_CATEGORY = "demo_surface"
+# Written last into the category folder: the files this generator wrote and their digests, so a
+# rerun replaces only a folder holding nothing else.
+MARKER_NAME = ".uniadc-demo.json"
 
 
 def _surface(rng: np.random.Generator, size: int, tint: np.ndarray) -> np.ndarray:
@@ -143,6 +149,35 @@ def _write(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(encode_png(arr))
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_marker(built: Path, **settings) -> None:
+    files = {p.relative_to(built).as_posix(): _digest(p) for p in sorted(built.rglob("*")) if p.is_file()}
+    (built / MARKER_NAME).write_text(json.dumps({**settings, "files": files}, indent=1))
+
+
+def check_target(target: Path) -> None:
+    """Refuse to replace a folder holding any file this generator did not write (or that was edited)."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InputError("exists and is not a folder; nothing was changed", target)
+    try:
+        own = json.loads((target / MARKER_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        own = {}
+    for path in sorted(target.rglob("*")):
+        name = path.relative_to(target).as_posix()
+        if path.is_file() and name != MARKER_NAME and own.get(name) != _digest(path):
+            raise InputError(
+                f"holds files `uniadc demo-data` did not write (first: {name}); nothing was changed: "
+                "move them away or choose another OUT folder",
+                target,
+            )
+
+
 def _swap_in(built: Path, target: Path) -> None:
     """Replace `target` by the finished `built` folder; a crash leaves either the old or the new."""
     old = _scratch_dir(target.parent, f".{target.name}.old")
@@ -168,8 +203,14 @@ def generate_demo_dataset(
     n_per_type: int = 8,
     category: str = DEMO_CATEGORY,
 ) -> Path:
-    """Write ``<out_dir>/<category>/`` in the MVTec AD layout and return that folder."""
+    """Write ``<out_dir>/<category>/`` in the MVTec AD layout and return that folder.
+
+    An existing ``<category>/`` folder is replaced only when it holds nothing but this generator's
+    own files; files of anyone else's there (or edited ones) make it refuse, touching nothing.
+    """
     out_dir = Path(out_dir)
+    target = out_dir / category
+    check_target(target)
     out_dir.mkdir(parents=True, exist_ok=True)
     tint = np.array([0.97, 1.0, 1.04], np.float32) * numpy_rng(seed, "demo", "tint").uniform(0.95, 1.05, 3)
     build = _scratch_dir(out_dir, f".{category}.tmp")
@@ -185,7 +226,7 @@ def generate_demo_dataset(
                 image, mask = paint(_surface(rng, size, tint), rng)
                 _write(build / "test" / name / f"{i:03d}.png", _to_uint8(image))
                 _write(build / "ground_truth" / name / f"{i:03d}_mask.png", mask)
-        target = out_dir / category
+        _write_marker(build, seed=seed, size=size)
         _swap_in(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

@@ -2,7 +2,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.demo_data import DEFECTS, generate_demo_dataset
+import pytest
+
+from core.errors import InputError
+from pipelines.demo_data import DEFECTS, MARKER_NAME, generate_demo_dataset
 from core.images import read_sample
 from pipelines.prepare import prepare_manifest
 from pipelines.sources import read_source
@@ -20,13 +23,13 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     c = _files(generate_demo_dataset(tmp_path / "c", seed=4, **SMALL))
     assert a == b
     assert a.keys() == c.keys() and a != c
-    assert len(a) == 2 + 2 + 4 * 2 * 2  # images + masks
+    assert len(a) == 2 + 2 + 4 * 2 * 2 + 1  # images + masks + the marker of its own files
 
 
 def test_counts_do_not_shift_other_images(tmp_path):
     small = _files(generate_demo_dataset(tmp_path / "a", **SMALL))
     more = _files(generate_demo_dataset(tmp_path / "b", **{**SMALL, "n_per_type": 3}))
-    assert all(more[name] == content for name, content in small.items())
+    assert all(more[name] == content for name, content in small.items() if name != MARKER_NAME)
 
 
 def test_reads_as_mvtec_with_visible_defects(tmp_path):
@@ -50,3 +53,21 @@ def test_rerun_replaces_the_folder_cleanly(tmp_path):
     folder = generate_demo_dataset(tmp_path, seed=1, **SMALL)
     assert not (folder / "test" / "crack" / "002.png").exists()  # no leftovers from the first run
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp folders left
+
+
+@pytest.mark.parametrize("user_file", ["notes.txt", "test/crack/my_photo.png", "train/good/000.png"],
+                         ids=["new-file", "new-image", "edited-own-file"])
+def test_rerun_refuses_a_folder_holding_the_users_files(tmp_path, user_file):
+    folder = generate_demo_dataset(tmp_path, seed=0, **SMALL)
+    (folder / user_file).write_bytes(b"the user's")
+    before = _files(tmp_path)
+    with pytest.raises(InputError, match=rf"holds files `uniadc demo-data` did not write \(first: {user_file}\)"):
+        generate_demo_dataset(tmp_path, seed=1, **SMALL)
+    assert _files(tmp_path) == before and (folder / user_file).read_bytes() == b"the user's"
+
+
+def test_files_beside_the_category_folder_are_kept(tmp_path):
+    (tmp_path / "README.md").write_text("mine")
+    generate_demo_dataset(tmp_path, seed=0, **SMALL)
+    generate_demo_dataset(tmp_path, seed=1, **SMALL)
+    assert (tmp_path / "README.md").read_text() == "mine"
