@@ -32,6 +32,8 @@ from core.images import decode_png, read_sample, resize_image, resize_mask
 from core.manifest import Manifest, Sample
 
 SHARD_GLOB = "data/train-*.parquet"
+SHOTS_GLOB = "shots/train-*.parquet"  # the dataset's `shots` config: the real shots it was made from
+NORMAL = "normal"
 MAX_SHIFT_FRACTION = 1 / 16  # small shifts keep thin defects inside the frame
 
 
@@ -48,6 +50,7 @@ class SyntheticRows:
     masks: list[bytes]
     labels: list[int]  # 0..C-1 into class_names
     task_ids: list[str]
+    category: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,8 +62,8 @@ def _cell_bytes(cell) -> bytes:
     return cell["bytes"]
 
 
-def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest) -> SyntheticRows:
-    """Read and check the frozen dataset against the manifest it is trained with.
+def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = None) -> SyntheticRows:
+    """Read the frozen dataset and, when a manifest is given, check it against the manifest.
 
     Read straight from the Parquet shards (no `datasets` cache on disk); the `datasets` features in
     the schema metadata give the class names.
@@ -78,7 +81,7 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest) -> Syntheti
     label = datasets.Features.from_arrow_schema(table.schema).get("label")
     if not isinstance(label, datasets.ClassLabel):
         raise InputError("column `label` is not a ClassLabel; not a frozen dataset", root)
-    if list(label.names) != list(manifest.anomaly_types):
+    if manifest is not None and list(label.names) != list(manifest.anomaly_types):
         raise InputError(
             f"dataset anomaly types {list(label.names)} differ from the manifest's "
             f"{list(manifest.anomaly_types)}",
@@ -88,7 +91,9 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest) -> Syntheti
         raise InputError("the frozen dataset has no rows", root)
     columns = table.select(["image", "mask", "label", "category", "task_id"]).to_pydict()
     categories = sorted(set(columns["category"]))
-    if categories != [manifest.category]:
+    if manifest is None and len(categories) != 1:
+        raise InputError(f"the frozen dataset mixes categories {categories}; train one per category", root)
+    if manifest is not None and categories != [manifest.category]:
         raise InputError(
             f"dataset category {categories} differs from the manifest's {manifest.category!r}", root
         )
@@ -97,7 +102,8 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest) -> Syntheti
         masks = [_cell_bytes(c) for c in columns["mask"]]
     except ValueError as exc:
         raise InputError(str(exc), root) from None
-    return SyntheticRows(root, list(label.names), images, masks, columns["label"], columns["task_id"])
+    return SyntheticRows(root, list(label.names), images, masks, columns["label"], columns["task_id"],
+                         categories[0])
 
 
 def split_holdout(task_ids: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
@@ -160,6 +166,52 @@ class ShotPool:
 
     def __getitem__(self, index: int) -> LabelledImage:
         return self.items[index]
+
+    @classmethod
+    def from_items(cls, items: Sequence[LabelledImage]) -> "ShotPool":
+        pool = cls.__new__(cls)
+        pool.items = list(items)
+        return pool
+
+
+def has_stored_shots(dataset_dir: str | Path) -> bool:
+    return any(Path(dataset_dir).glob(SHOTS_GLOB))
+
+
+def load_stored_shots(dataset_dir: str | Path, rows: SyntheticRows, size: int) -> tuple[ShotPool, ShotPool]:
+    """(normal, anomaly) shots from the dataset's `shots` config, at the working size.
+
+    They are stored at full resolution (RGB PNG, masks L 0/255), so decoding and resizing here
+    gives the same pixels as reading the manifest's files would.
+    """
+    root = Path(dataset_dir)
+    paths = sorted(root.glob(SHOTS_GLOB))
+    try:
+        table = pa.concat_tables(pq.read_table(p) for p in paths)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"cannot read the shots config ({exc})", root / "shots") from None
+    label = datasets.Features.from_arrow_schema(table.schema).get("label")
+    expected = [NORMAL, *rows.class_names]
+    if not isinstance(label, datasets.ClassLabel) or list(label.names) != expected:
+        names = list(label.names) if isinstance(label, datasets.ClassLabel) else None
+        raise InputError(f"shots label names {names} differ from {expected} (normal + the dataset's types)",
+                         root / "shots")
+    columns = table.select(["image", "mask", "label", "category"]).to_pydict()
+    if set(columns["category"]) - {rows.category}:
+        raise InputError(f"shots of category {sorted(set(columns['category']))}, rows of {rows.category!r}",
+                         root / "shots")
+    normal, anomaly = [], []
+    for image_cell, mask_cell, value in zip(columns["image"], columns["mask"], columns["label"]):
+        try:
+            image = resize_image(decode_png(_cell_bytes(image_cell)), size)
+            mask = decode_png(_cell_bytes(mask_cell))
+        except ValueError as exc:
+            raise InputError(f"shots config: {exc}", root / "shots") from None
+        mask = resize_mask(mask.max(axis=-1) > 127 if mask.ndim == 3 else mask > 127, size)
+        (normal if value == 0 else anomaly).append(LabelledImage(image, mask.astype(np.int64) * int(value)))
+    if not normal:
+        raise InputError("the shots config holds no normal shot", root / "shots")
+    return ShotPool.from_items(normal), ShotPool.from_items(anomaly)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -304,19 +356,29 @@ class TrainingData:
     holdout: ImagePool  # synthetic rows never trained on, for calibration
     normal_shots: ImagePool
     class_names: list[str]  # anomaly types, normal excluded
+    category: str = ""
 
     def loader(self, num_workers: int = 0) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=num_workers,
                                            persistent_workers=num_workers > 0)
 
 
-def build_training_data(dataset_dir: str | Path, manifest: Manifest, config: TrainConfig,
+def build_training_data(dataset_dir: str | Path, manifest: Manifest | None, config: TrainConfig,
                         image_size: int, seed: int) -> TrainingData:
+    """The training pools. The real shots come from the manifest when one is given, else from the
+    dataset's own `shots` config (the dataset alone is then enough)."""
     rows = load_synthetic_rows(dataset_dir, manifest)
     train_idx, holdout_idx = split_holdout(rows.task_ids, config.holdout_fraction)
+    if manifest is not None:
+        normal, anomaly = ShotPool(manifest.normal_shots, image_size), ShotPool(manifest.anomaly_shots, image_size)
+    elif has_stored_shots(dataset_dir):
+        normal, anomaly = load_stored_shots(dataset_dir, rows, image_size)
+    else:
+        raise InputError("the frozen dataset carries no real shots (config `shots`, written by `uniadc "
+                         "synthesize` since it stores them); pass the manifest with --manifest", dataset_dir)
     pools: dict[str, ImagePool] = {
-        NORMAL_POOL: ShotPool(manifest.normal_shots, image_size),
-        ANOMALY_POOL: ShotPool(manifest.anomaly_shots, image_size),
+        NORMAL_POOL: normal,
+        ANOMALY_POOL: anomaly,
         SYNTHETIC_POOL: SyntheticPool(rows, train_idx, image_size),
     }
     sizes = {name: len(pool) for name, pool in pools.items()}
@@ -328,4 +390,5 @@ def build_training_data(dataset_dir: str | Path, manifest: Manifest, config: Tra
         holdout=SyntheticPool(rows, holdout_idx, image_size),
         normal_shots=pools[NORMAL_POOL],
         class_names=rows.class_names,
+        category=rows.category,
     )

@@ -133,12 +133,16 @@ def push(repo_id: str, dataset_dir: str, private: bool) -> None:
 @PARAMS_OPTION
 @SET_OPTION
 @click.option("--dataset", "dataset_dir", default="data/synthetic", show_default=True,
-              type=click.Path(file_okay=False), help="The frozen synthetic dataset.")
-@MANIFEST_OPTION
+              help="The frozen dataset: a folder, or a Hub dataset id `owner/name[@revision]` "
+                   "(fetched into the HF cache; HF_HUB_OFFLINE=1 uses the cached snapshot).")
+@click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
+              help="Optional: take the real shots from this manifest instead of the dataset's `shots` "
+                   "config (needed only for datasets that carry no shots).")
 @click.option("--out", default="models/discriminator", show_default=True, type=click.Path(file_okay=False),
               help="Checkpoint folder (config.json + model.safetensors).")
-def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manifest_path: str, out: str) -> None:
-    """Train the discriminator from the frozen dataset and the real shots only."""
+def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manifest_path: str | None,
+          out: str) -> None:
+    """Train the discriminator from the frozen dataset alone (its synthetic rows and real shots)."""
     from pipelines.train import run_train
 
     result = run_train(_params(params_path, overrides), dataset_dir, manifest_path, out)

@@ -23,6 +23,7 @@ from synthesis.foreground import make_foreground
 from synthesis.priors import parse_priors
 from synthesis.render import RenderInputs, check_out_folder, finalize, prompt_choices, render
 from synthesis.selection import CandidateScorer
+from synthesis.shots import describe_test_set, write_shots
 
 BackendFactory = Callable[[SynthesisConfig], PaintBackend]
 
@@ -149,7 +150,11 @@ def run_synthesize(
         overwrite=overwrite,
     )
     state.wait_for_everyone()
-    return finalize(out_dir) if state.is_main_process else None
+    if not state.is_main_process:
+        return None
+    # the real shots travel with the dataset (config `shots`), so it alone is enough to retrain
+    shots = write_shots(out_dir, manifest, lambda s: source_id(s, manifest.source.get("root")))
+    return finalize(out_dir, shots=shots.counts, test_set=describe_test_set(manifest))
 
 
 def push_dataset(out_dir: str | Path, repo_id: str, private: bool = False) -> str:

@@ -1,7 +1,8 @@
-"""The `train` stage: frozen dataset + the manifest's real shots → checkpoint.
+"""The `train` stage: frozen dataset (synthetic rows + the real shots it carries) → checkpoint.
 
 Reads nothing of the synthesis code: the frozen dataset is the whole contract, so `uniadc train`
-reruns alone on a dataset made elsewhere (or pulled from the Hub).
+reruns alone on a dataset made elsewhere: a folder or a Hub id `owner/name@revision`. A manifest
+is optional: given, its shots replace the dataset's (and the dataset is checked against it).
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from discriminator.data import build_training_data
 from discriminator.model import Discriminator, DiscriminatorConfig
 from discriminator.train import TrainResult, train_discriminator
 from pipelines.config import Params
+from pipelines.hub import resolve_dataset
 from core.manifest import Manifest
 
 
-def model_config(params: Params, manifest: Manifest) -> DiscriminatorConfig:
-    """The discriminator's architecture from params.yaml and the manifest's class names."""
+def model_config(params: Params, category: str, class_names: list[str]) -> DiscriminatorConfig:
+    """The discriminator's architecture from params.yaml and the data's category and types."""
     train = params.train
     backbone = normalise_spec(train.backbone)
     if train.backbone_layers is not None:
         backbone["layers"] = list(train.backbone_layers)
     return DiscriminatorConfig(
-        category=manifest.category,
-        class_names=list(manifest.anomaly_types),
+        category=category,
+        class_names=list(class_names),
         backbone=backbone,
         width=train.width,
         detection_head=train.detection_head,
@@ -36,12 +38,13 @@ def model_config(params: Params, manifest: Manifest) -> DiscriminatorConfig:
     )
 
 
-def run_train(params: Params, dataset_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+def run_train(params: Params, dataset: str | Path, manifest_path: str | Path | None, out_dir: str | Path,
               show_progress: bool = True) -> TrainResult:
-    # 1. inputs: the manifest (shots, class names) and the frozen dataset checked against it
-    manifest = Manifest.load(manifest_path)
-    data = build_training_data(dataset_dir, manifest, params.train, params.image_size, params.seed)
+    # 1. inputs: the frozen dataset (a folder or a Hub snapshot) with its shots, or the manifest's
+    manifest = Manifest.load(manifest_path) if manifest_path is not None else None
+    data = build_training_data(resolve_dataset(dataset), manifest, params.train, params.image_size, params.seed)
     # 2. the model (frozen backbone + trainable head)
-    model = Discriminator(model_config(params, manifest), local_files_only=params.train.local_files_only)
+    model = Discriminator(model_config(params, data.category, data.class_names),
+                          local_files_only=params.train.local_files_only)
     # 3. train, calibrate, save
     return train_discriminator(model, data, params.train, out_dir, show_progress=show_progress)

@@ -25,6 +25,7 @@ from core.atomic import atomic_path
 from core.errors import InputError
 from core.images import encode_png
 from core.manifest import write_text_atomic
+from synthesis.shots import SHOTS_CONFIG, SHOTS_DIR, shot_features
 
 DATA_DIR = "data"
 CARD_NAME = "README.md"
@@ -70,6 +71,8 @@ class CardInfo:
     params: dict = field(default_factory=dict)  # the synthesis settings used
     model_id: str | None = None
     model_revision: str | None = None
+    shots: dict[str, int] | None = None  # real shots per class (normal first) in the `shots` config
+    test_set: dict | None = None  # how the source's test set is drawn (`shots.describe_test_set`)
 
 
 def dataset_features(class_names: Sequence[str]) -> datasets.Features:
@@ -191,7 +194,7 @@ def validate_dataset(out_dir: str | Path) -> DatasetSummary:
 def card_yaml(info: CardInfo) -> dict:
     """The card's front matter: what `datasets` and the Hub read to load and show the data."""
     features = dataset_features(info.class_names)
-    return {
+    front = {
         "license": LICENSE,
         "task_categories": ["image-segmentation", "image-classification"],
         "tags": TAGS,
@@ -201,6 +204,18 @@ def card_yaml(info: CardInfo) -> dict:
         # as `datasets` itself writes it on push_to_hub; no `splits`, whose num_bytes we do not know
         "dataset_info": datasets.DatasetInfo(features=features)._to_yaml_dict(),
     }
+    if info.shots is not None:  # a second config: the real shots, so the dataset alone retrains
+        front["configs"].append(
+            {"config_name": SHOTS_CONFIG, "data_files": [{"split": "train", "path": f"{SHOTS_DIR}/train-*"}]}
+        )
+        front["dataset_info"] = [
+            {"config_name": "default", **front["dataset_info"]},
+            {"config_name": SHOTS_CONFIG,
+             **datasets.DatasetInfo(features=shot_features(info.class_names))._to_yaml_dict()},
+        ]
+    if info.test_set is not None:
+        front["uniadc"] = {"test_set": info.test_set}
+    return front
 
 
 def _size_category(n: int) -> str:
@@ -241,15 +256,48 @@ def card_text(info: CardInfo) -> str:
         yaml.safe_dump(info.params, sort_keys=True).rstrip(),
         "```",
         "",
+        *_shots_section(info),
         "## Use",
         "",
         "```python",
         "import datasets",
         'ds = datasets.load_dataset("<this repo or folder>", split="train")',
+        *(['shots = datasets.load_dataset("<this repo or folder>", "shots", split="train")'] if info.shots else []),
         "```",
         "",
+        *(["Retrain the discriminator from this dataset alone: `uniadc train --dataset <folder or repo@revision>`.",
+           ""] if info.shots else []),
     ]
     return "\n".join(lines)
+
+
+def _shots_section(info: CardInfo) -> list[str]:
+    """The card's prose about the real shots and the source's test set (empty when absent)."""
+    lines: list[str] = []
+    if info.shots is not None:
+        lines += [
+            "## Real shots (config `shots`)",
+            "",
+            "The real images the rows were made from, at full resolution: normal shots and anomaly",
+            "shots with their masks (L, 0/255); `label` 0 is normal, then the anomaly types.",
+            "",
+            "| class | shots |",
+            "|---|---|",
+            *(f"| {name} | {count} |" for name, count in info.shots.items()),
+            "",
+        ]
+    if info.test_set is not None:
+        t = info.test_set
+        lines += [
+            "## The source's test set",
+            "",
+            f"Layout `{t.get('layout')}`, source root folder `{t.get('root_name')}`, category `{t.get('category')}`, "
+            f"k_normal {t.get('k_normal')}, k_anomaly {t.get('k_anomaly')}: {t.get('test_images')} test images.",
+            f"Shot rule: {t.get('shot_rule')}",
+            "(also in the front matter under `uniadc.test_set`)",
+            "",
+        ]
+    return lines
 
 
 def write_card(out_dir: str | Path, info: CardInfo) -> Path:
@@ -272,7 +320,7 @@ def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False, token:
         folder_path=str(out_dir),
         repo_id=repo_id,
         repo_type="dataset",
-        allow_patterns=[CARD_NAME, f"{DATA_DIR}/train-*.parquet"],
+        allow_patterns=[CARD_NAME, f"{DATA_DIR}/train-*.parquet", f"{SHOTS_DIR}/train-*.parquet"],
         commit_message="Upload UniADC synthetic dataset",
     )
     return str(getattr(commit, "commit_url", commit))

@@ -454,8 +454,13 @@ def render(
     )
 
 
-def finalize(out_dir: str | Path) -> DatasetSummary:
-    """Main process, after every rank finished: check the whole dataset and write its card."""
+def finalize(out_dir: str | Path, shots: dict[str, int] | None = None,
+             test_set: dict | None = None) -> DatasetSummary:
+    """Main process, after every rank finished: check the whole dataset and write its card.
+
+    `shots` (shots per class, written as the `shots` config) and `test_set` (how the source's
+    test set is drawn) go into the card when given.
+    """
     out_dir = Path(out_dir)
     state = read_state(out_dir)
     if state is None:
@@ -480,6 +485,8 @@ def finalize(out_dir: str | Path) -> DatasetSummary:
             params=params,
             model_id=diffusion.get("model"),
             model_revision=diffusion.get("revision"),
+            shots=shots,
+            test_set=test_set,
         ),
     )
     return summary
