@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.ranges import above, at_least, device_name, within
+
 
 @dataclass
 class TrainConfig:
@@ -11,31 +13,32 @@ class TrainConfig:
     backbone_layers: list[int] | None = None  # transformers: hidden-state indices; None = the model's default
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
-    width: int = 128
+    width: int = field(default=128, metadata=at_least(1))
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
     detection_head: str = "knn"
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    steps: int = field(default=300, metadata=at_least(1))
+    batch_size: int = field(default=8, metadata=at_least(1))
+    lr: float = field(default=1e-3, metadata=above(0))
+    weight_decay: float = field(default=1e-4, metadata=at_least(0))
+    poly_power: float = field(default=0.9, metadata=at_least(0))
     # share of each batch drawn from each pool; normals and real anomaly shots are oversampled as in the paper
-    real_normal_fraction: float = 0.25
-    real_anomaly_fraction: float = 0.125
-    holdout_fraction: float = 0.1  # synthetic rows kept out of training to calibrate the pixel threshold
+    real_normal_fraction: float = field(default=0.25, metadata=within(0, 1))
+    real_anomaly_fraction: float = field(default=0.125, metadata=within(0, 1))
+    # synthetic rows kept out of training to calibrate the pixel threshold
+    holdout_fraction: float = field(default=0.1, metadata=within(0, 1, open_hi=True))
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
-    device: str = "auto"  # auto: cuda when present
-    num_workers: int = 0
+    device: str = field(default="auto", metadata=device_name())  # auto: cuda when present
+    num_workers: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 8
-    image_top_k: int = 100  # image score = mean of the top-k pixel scores
-    overlays: int = 16  # images in the overlay grid
-    device: str = "auto"
+    batch_size: int = field(default=8, metadata=at_least(1))
+    image_top_k: int = field(default=100, metadata=at_least(1))  # image score = mean of the top-k pixel scores
+    overlays: int = field(default=16, metadata=at_least(0))  # images in the overlay grid
+    device: str = field(default="auto", metadata=device_name())
 
 
 @dataclass

@@ -13,14 +13,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.errors import InputError
+from core.ranges import DEVICE_NAMES, is_device_name
+
 TYPE_LEVELS = 1024  # resolution of `TypeMass`: thresholds are honoured to 1/1024 of the map's range
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` → the first CUDA device when present, else CPU; anything else as torch reads it."""
+    """`auto` → the first CUDA device when present, else CPU; a named device must exist on this
+    machine: a typo (`gpu0`) or `cuda` on a machine without CUDA is one clear `InputError`, not a
+    traceback from the first tensor moved there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not is_device_name(device):
+        raise InputError(f"unknown device {device!r}; use {DEVICE_NAMES}")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {device!r} asked for, but CUDA is not available on this machine; "
+                             "use cpu or auto")
+        if (resolved.index or 0) >= count:
+            raise InputError(f"device {device!r} asked for, but this machine has {count} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} asked for, but MPS is not available on this machine; use cpu or auto")
+    return resolved
 
 
 def autocast(device: torch.device):

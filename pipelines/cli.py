@@ -15,8 +15,9 @@ import click
 from core.errors import InputError
 
 PARAMS_OPTION = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True,
-    type=click.Path(dir_okay=False), help="params.yaml to read the settings from.",
+    "--params", "params_path", default=None, type=click.Path(dir_okay=False),
+    help="params.yaml to read the settings from (it must exist). Default: ./params.yaml when present, "
+         "else the built-in defaults.",
 )
 MANIFEST_OPTION = click.option(
     "--manifest", "manifest_path", default="data/prepared/manifest.json", show_default=True,
@@ -28,7 +29,7 @@ SET_OPTION = click.option(
 )
 
 
-def _params(params_path: str, overrides: tuple[str, ...]):
+def _params(params_path: str | None, overrides: tuple[str, ...]):
     import yaml
 
     from pipelines.config import load_params
@@ -39,6 +40,8 @@ def _params(params_path: str, overrides: tuple[str, ...]):
         if not sep:
             raise InputError(f"--set expects KEY=VALUE, got {item!r}")
         parsed[key.strip()] = yaml.safe_load(value)
+    if params_path is None and Path("params.yaml").is_file():
+        params_path = "params.yaml"
     return load_params(params_path, parsed)
 
 
@@ -54,8 +57,10 @@ def cli() -> None:
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
 def demo_data(out: str, seed: int, size: int) -> None:
     """Write the built-in procedural demo dataset (MVTec AD layout) to OUT."""
+    from pipelines.config import DemoConfig, check_value
     from pipelines.demo_data import generate_demo_dataset
 
+    check_value(DemoConfig, "size", size, None, "--size")
     root = generate_demo_dataset(Path(out), seed=seed, size=size)
     click.echo(f"demo dataset written to {root}")
 

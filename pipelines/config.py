@@ -16,13 +16,17 @@ import yaml
 
 from discriminator.config import EvaluateConfig, TrainConfig
 from core.errors import InputError
+from core.ranges import at_least, problem
 from synthesis.config import SynthesisConfig
+
+# the backbone halves the resolution five times; smaller images leave it nothing to see
+MIN_IMAGE_SIZE = 32
 
 
 @dataclass
 class DemoConfig:
     out: str = "data/demo"
-    size: int = 256
+    size: int = field(default=256, metadata=at_least(MIN_IMAGE_SIZE))
 
 
 @dataclass
@@ -31,14 +35,14 @@ class DataConfig:
     layout: str = "auto"  # auto | mvtec | mvtec_fs | mtd | folder
     category: str | None = None
     anomaly_types: list[str] | None = None  # label order; sorted names when None
-    k_normal: int = 2
-    k_anomaly: int = 0
+    k_normal: int = field(default=2, metadata=at_least(1))
+    k_anomaly: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass
 class Params:
     seed: int = 0
-    image_size: int = 256
+    image_size: int = field(default=256, metadata=at_least(MIN_IMAGE_SIZE))
     demo: DemoConfig = field(default_factory=DemoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
@@ -46,28 +50,34 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read params.yaml (missing file → all defaults) and apply dotted-key overrides."""
-    path = Path(path)
+def load_params(path: str | Path | None = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml and apply dotted-key overrides; `path=None` starts from the defaults.
+
+    A named file that does not exist is an error, never a silent fall-back to the defaults.
+    """
     raw: dict = {}
-    if path.is_file():
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise InputError("params file not found", path)
+        if not path.is_file():
+            raise InputError("is not a file", path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"not valid YAML ({exc})", path) from None
-    elif path.exists():
-        raise InputError("is not a file", path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return build_dataclass(Params, raw, str(path), "")
+    return build_dataclass(Params, raw, None if path is None else str(path), "")
 
 
-def build_dataclass(cls, data, source: str, where: str):
-    """Build dataclass `cls` from a mapping, checking keys and scalar types recursively."""
+def build_dataclass(cls, data, source: str | None, where: str):
+    """Build dataclass `cls` from a mapping, checking keys, scalar types and the allowed values
+    declared on the fields (`core.ranges`) recursively."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -80,7 +90,19 @@ def build_dataclass(cls, data, source: str, where: str):
             f"unknown key `{_join(where, unknown[0])}` (known: {', '.join(sorted(names))})", source
         )
     kwargs = {key: _coerce(hints[key], value, source, _join(where, key)) for key, value in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            check_value(cls, f.name, kwargs[f.name], source, _join(where, f.name))
     return cls(**kwargs)
+
+
+def check_value(cls, name: str, value, source: str | None, where: str | None = None) -> None:
+    """InputError when `value` breaks the rule declared on field `name` of dataclass `cls`;
+    the CLI checks its own options (e.g. `demo-data --size`) with this too."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    complaint = problem(f.metadata, value, where or name)
+    if complaint:
+        raise InputError(complaint, source)
 
 
 def _join(where: str, key: str) -> str:

@@ -14,6 +14,17 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+def run_main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """In-process `uniadc ARGS` run from `cwd` (fast: no interpreter start): (exit code, stderr)."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["uniadc", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
@@ -35,3 +46,25 @@ def test_bad_set_override_is_one_line_error(tmp_path):
     result = run_cli("prepare", "--params", str(tmp_path / "p.yaml"), "--set", "nokeyvalue")
     assert result.returncode == 2
     assert "--set expects KEY=VALUE" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--params", "nope.yaml"], "error: nope.yaml: params file not found"),
+        (["demo-data", "out", "--size", "0"], "error: `--size` must be >= 32, got 0"),
+        (["train", "--params", "p.yaml", "--set", "train.steps=-5"],
+         "error: p.yaml: `train.steps` must be >= 1, got -5"),
+        (["evaluate", "--params", "p.yaml", "--set", "image_size=-1"],
+         "error: p.yaml: `image_size` must be >= 32, got -1"),
+        (["predict", "x.png", "--model", "m", "--device", "gpu0"],
+         "error: unknown device 'gpu0'; use auto, cpu, cuda, cuda:N, mps or xpu"),
+    ],
+    ids=["missing-params", "demo-size", "steps", "image-size", "device"],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "p.yaml").write_text("seed: 0\n")
+    code, stderr = run_main(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()

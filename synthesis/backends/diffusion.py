@@ -33,18 +33,28 @@ import torch
 from PIL import Image
 
 from core.errors import InputError
+from core.ranges import DEVICE_NAMES, is_device_name
 from synthesis.backends.base import Candidate, PaintRequest
 from synthesis.config import DiffusionConfig
 from synthesis.seeding import derive_seed, torch_generator
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: this process's current CUDA device (one per rank under `accelerate launch`), else CPU."""
+    """auto: this process's current CUDA device (one per rank under `accelerate launch`), else CPU.
+    A CUDA device asked for on a machine without it is one clear `InputError`, not a traceback."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    return torch.device(name)
+    if not is_device_name(name):
+        raise InputError(f"unknown synthesis.diffusion.device {name!r}; use {DEVICE_NAMES}")
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise InputError(
+            f"synthesis.diffusion.device {name!r} asked for, but this machine has {count} CUDA device(s)"
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
