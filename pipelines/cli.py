@@ -173,7 +173,9 @@ def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manif
 
     metrics = run_evaluate(_params(params_path, overrides), model_dir, manifest_path, out)
     names = ["image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou"]
-    summary = ", ".join(f"{name} {100 * metrics[name]:.1f}" for name in names)
+    summary = ", ".join(  # an undefined metric is null in metrics.json
+        f"{name} {'n/a' if metrics[name] is None else f'{100 * metrics[name]:.1f}'}" for name in names
+    )
     click.echo(f"{out}/metrics.json ({metrics['test_images']} test images): {summary}")
 
 

@@ -159,13 +159,32 @@ def write_curves(out_dir: Path, scored: ScoredTestSet) -> list[Path]:
     return written
 
 
+def check_test_set(manifest: Manifest, manifest_path: str | Path) -> None:
+    """Refuse a test set without normal or without anomalous images: half the metrics would be
+    undefined and the rest (pixel mIoU 1.0 when nothing is anomalous) would look perfect."""
+    if not manifest.test:
+        raise InputError("the manifest has no test images", manifest_path)
+    anomalous = sum(not s.is_normal for s in manifest.test)
+    if anomalous == 0:
+        raise InputError(
+            f"the test set has {len(manifest.test)} normal and no anomalous images, so detection cannot be "
+            "measured; were its anomalous images excluded for empty masks (see `uniadc prepare`'s output)?",
+            manifest_path,
+        )
+    if anomalous == len(manifest.test):
+        raise InputError(
+            f"the test set has {anomalous} anomalous and no normal images, so detection cannot be measured "
+            "(image AUROC needs both); give the data normal test images",
+            manifest_path,
+        )
+
+
 def run_evaluate(params: Params, model_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> dict:
     """Score the test set; returns the dict written to metrics.json."""
     out_dir = Path(out_dir)
     # 1. inputs: manifest and a checkpoint trained for it
     manifest = Manifest.load(manifest_path)
-    if not manifest.test:
-        raise InputError("the manifest has no test images", manifest_path)
+    check_test_set(manifest, manifest_path)
     device = resolve_device(params.evaluate.device)
     model = load_checkpoint(model_dir, manifest, device)
     predictor = Predictor(model, device=device)

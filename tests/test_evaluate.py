@@ -75,6 +75,22 @@ def test_checkpoint_for_other_types_or_category_is_refused(evaluated, tmp_path):
         run_evaluate(tiny_params(), root / "model", empty, tmp_path / "reports")
 
 
+@pytest.mark.parametrize("keep, fragment", [
+    ("normal", r"the test set has \d+ normal and no anomalous images"),
+    ("anomalous", r"the test set has \d+ anomalous and no normal images"),
+])
+def test_a_test_set_without_both_kinds_is_refused_and_writes_nothing(evaluated, tmp_path, keep, fragment):
+    root, manifest_path, _ = evaluated
+    manifest = Manifest.load(manifest_path)
+    test = [s for s in manifest.test if s.is_normal == (keep == "normal")]
+    one_sided = tmp_path / "one_sided.json"
+    dataclasses.replace(manifest, test=test).save(one_sided)
+    with pytest.raises(InputError, match=fragment) as err:
+        run_evaluate(tiny_params(), root / "model", one_sided, tmp_path / "reports")
+    assert str(one_sided) in str(err.value)
+    assert not (tmp_path / "reports").exists()
+
+
 def test_reference_protocol_equals_thresholding_normalised_maps():
     gen = torch.Generator().manual_seed(0)
     maps = 0.2 + 0.5 * torch.rand(4, 8, 8, generator=gen)
