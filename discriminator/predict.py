@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from core.errors import InputError
 from core.ranges import DEVICE_NAMES, is_device_name
@@ -100,6 +100,33 @@ def decide(maps: Tensor, class_ids: Tensor, type_mass: Tensor, pixel_threshold: 
     return Prediction(maps, type_maps, scores, anomalous, types, class_ids, type_mass)
 
 
+class InferenceGraph(nn.Module):
+    """Images -> every field of `Prediction` (in field order), thresholds baked in.
+
+    The one inference forward: `Predictor` runs it in PyTorch and `discriminator.deploy` exports
+    it to ONNX/OpenVINO as is, so a change to the model or its post-processing reaches both.
+    """
+
+    def __init__(self, model: nn.Module, pixel_threshold: float, image_threshold: float, top_k: int):
+        super().__init__()
+        self.model = model
+        self.pixel_threshold, self.image_threshold, self.top_k = pixel_threshold, image_threshold, top_k
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """images (B, 3, H, W) float in [0, 1] -> anomaly_maps, type_maps, scores, anomalous, types,
+        class_ids, type_mass (see `Prediction`)."""
+        output = self.model(images)
+        maps = torch.sigmoid(output.detection_logits.float())[:, 0]
+        probs = torch.softmax(output.class_logits.float(), dim=1)
+        class_ids = (probs.argmax(dim=1) + 1).to(torch.uint8)
+        mass = type_mass_by_level(maps, probs)
+        prediction = decide(maps, class_ids, mass, self.pixel_threshold, self.image_threshold, self.top_k)
+        return tuple(getattr(prediction, name) for name in PREDICTION_FIELDS)
+
+
+PREDICTION_FIELDS = tuple(Prediction.__dataclass_fields__)
+
+
 class Predictor:
     """Scores batches of images with a trained discriminator and its calibrated thresholds."""
 
@@ -114,6 +141,7 @@ class Predictor:
             getattr(config, "image_threshold", 0.5) if image_threshold is None else image_threshold
         )
         self.top_k = int(getattr(config, "image_top_k", 100) if top_k is None else top_k)
+        self.graph = InferenceGraph(self.model, self.pixel_threshold, self.image_threshold, self.top_k)
 
     @property
     def class_names(self) -> list[str]:
@@ -125,13 +153,8 @@ class Predictor:
         """images: (B, 3, H, W) float in [0, 1]."""
         images = images.to(self.device, non_blocking=True)
         with autocast(self.device):
-            output = self.model(images)
-        maps = torch.sigmoid(output.detection_logits.float())[:, 0]
-        probs = torch.softmax(output.class_logits.float(), dim=1)
-        class_ids = (probs.argmax(dim=1) + 1).to(torch.uint8)
-        mass = type_mass_by_level(maps, probs)
-        cpu = [t.cpu() for t in (maps, class_ids, mass)]
-        return decide(*cpu, self.pixel_threshold, self.image_threshold, self.top_k)
+            outputs = self.graph(images)
+        return Prediction(*(t.cpu() for t in outputs))
 
 
 def images_to_tensor(images: list[np.ndarray]) -> Tensor:

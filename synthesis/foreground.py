@@ -23,6 +23,13 @@ ForegroundFn = Callable[[np.ndarray], np.ndarray]
 _MAX_BORDER_SHARE = 0.35
 # Components smaller than this share of the largest one are speckle, not object parts.
 _MIN_COMPONENT_SHARE = 0.1
+# An "object" both thin (under this share of it survives an erosion by 1/32 of the image side) and
+# scattered (under this share of its convex hull) is no object: the traces and pads of a circuit
+# board or the lines of a scanned drawing (0.01-0.11 and 0.14-0.30 on such images; compact objects,
+# a screw or a transistor with legs included, 0.43+ and 0.69+). A thin needle is not scattered and
+# a scatter of blobs is not thin, so both stay objects.
+_MIN_INTERIOR_SHARE = 0.25
+_MIN_SOLIDITY = 0.5
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -50,6 +57,16 @@ def _keep_large_components(mask: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep)
 
 
+def _is_thin_and_scattered(mask: np.ndarray) -> bool:
+    radius = max(1, min(mask.shape) // 32)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    area = int(mask.sum())
+    interior = int(cv2.erode(mask.astype(np.uint8), kernel).sum())
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(mask.astype(np.uint8))), 1)
+    return interior < _MIN_INTERIOR_SHARE * area and area < _MIN_SOLIDITY * int(hull.sum())
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Holes inside an object (a dark hole in a nut) are still the object."""
     padded = np.pad(mask.astype(np.uint8), 1)
@@ -64,7 +81,9 @@ def classical_foreground(image: np.ndarray, min_fraction: float = 0.05) -> np.nd
 
     The channel (gray or HSV saturation) with the stronger Otsu separation is thresholded; the
     side touching the image border less is the object. When both sides touch the border a lot
-    (a texture) or the object is under `min_fraction`, the whole image is foreground.
+    (a texture), the object is thin and scattered (the lines of a drawing or a circuit board: the
+    other side is the background, so neither is an object) or under `min_fraction`, the whole
+    image is foreground.
     """
     _check_image(image)
     h, w = image.shape[:2]
@@ -96,6 +115,8 @@ def classical_foreground(image: np.ndarray, min_fraction: float = 0.05) -> np.nd
     cleaned = cv2.morphologyEx(obj.astype(np.uint8), cv2.MORPH_OPEN, kernel)
     cleaned = cv2.morphologyEx(cleaned, cv2.MORPH_CLOSE, kernel).astype(bool)
     cleaned = _fill_holes(_keep_large_components(cleaned))
+    if cleaned.any() and _is_thin_and_scattered(cleaned):
+        return np.ones((h, w), dtype=bool)
     return _whole_if_small(cleaned, min_fraction)
 
 

@@ -13,6 +13,10 @@ does to thin lines or tiny circles, and no retry loop is needed to hit a size cl
 placement retries (the shape must land mostly on the foreground), and those are bounded.
 
 Adding a shape is one generator function plus one line in `SHAPES`.
+
+A prior that cannot be placed (a thin or fragmented foreground) does not stop a render:
+`PriorLibrary.sample_with_fallback` tries the type's other priors, smaller size classes, then the
+whole image, and says which it used so the renderer can count it.
 """
 
 from __future__ import annotations
@@ -35,11 +39,16 @@ SIZE_CLASSES: dict[str, tuple[float, float]] = {
 }
 
 FOREGROUND = "foreground"  # the whole foreground mask: not drawn, so it has no size class
+WHOLE_IMAGE = "whole image"  # the last fallback: the prior placed ignoring the foreground
 MIN_STROKE_WIDTH = 1.5  # px: thinner strokes break into dots once rasterised
 PERLIN_ROUGHNESS = 1.5  # noise weight against the radial falloff (1 = one blob radius): higher, more ragged
 CANVAS_MARGIN = 1.25  # canvas half-size / shape reach: the field must exceed the kept level at the border
 
 Field = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class PlacementError(InputError):
+    """A shape or a real defect region found no place on the foreground (the renderer falls back)."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +314,31 @@ def class_area(size: str, shape_hw: tuple[int, int], rng: np.random.Generator) -
     return rng.uniform(lo, hi) * shape_hw[0] * shape_hw[1]
 
 
+SIZE_ORDER = {name: i for i, name in enumerate(SIZE_CLASSES)}
+
+
+@dataclass(frozen=True)
+class PriorDraw:
+    """A drawn prior mask; `fallback` says what replaced the first choice ("circle:large -> circle:small")."""
+
+    mask: np.ndarray
+    fallback: str | None = None
+
+
+def fallback_order(specs: Sequence[PriorSpec], shape: str, size: str) -> list[tuple[str, str | None]]:
+    """What to try when `shape:size` cannot be placed, most alike first: the type's other priors
+    no larger than it (list order), then the shape's smaller size classes. (shape, None) = FOREGROUND."""
+    order: list[tuple[str, str | None]] = []
+    for spec in specs:
+        options = [(FOREGROUND, None)] if spec.shape == FOREGROUND else [
+            (spec.shape, s) for s in spec.sizes() if SIZE_ORDER[s] <= SIZE_ORDER[size]
+        ]
+        order += [o for o in options if o != (shape, size) and o not in order]
+    smaller = sorted((s for s in SHAPES[shape].sizes if SIZE_ORDER[s] < SIZE_ORDER[size]), key=SIZE_ORDER.get, reverse=True)
+    order += [(shape, s) for s in smaller if (shape, s) not in order]
+    return order
+
+
 @dataclass(frozen=True)
 class PriorLibrary:
     """Draws prior masks on a foreground: a shape only counts if most of it lands on the foreground."""
@@ -321,25 +355,73 @@ class PriorLibrary:
     ) -> np.ndarray:
         """(H, W) bool mask inside `foreground`: one spec drawn uniformly, then its size, then placed."""
         fg = self._check_foreground(foreground)
-        if not specs:
-            raise InputError("no mask priors to sample from")
-        spec = specs[int(rng.integers(len(specs)))]
-        if spec.shape == FOREGROUND:
+        shape, size = self._choose(specs, rng)
+        if shape == FOREGROUND:
             return fg.copy()
-        sizes = spec.sizes()
-        size = sizes[int(rng.integers(len(sizes)))]
+        return self.place(shape, size, fg, rng, max_tries)
+
+    def sample_with_fallback(
+        self,
+        specs: Sequence[PriorSpec],
+        foreground: np.ndarray,
+        rng: np.random.Generator,
+        max_tries: int = 30,
+    ) -> PriorDraw:
+        """`sample` (same draws while the first choice fits), but a prior that cannot be placed falls
+        back to `fallback_order`, then to the first choice on the whole image, ignoring the foreground."""
+        fg = self._check_foreground(foreground)
+        shape, size = self._choose(specs, rng)
+        if shape == FOREGROUND:
+            return PriorDraw(fg.copy())
+        try:
+            return PriorDraw(self.place(shape, size, fg, rng, max_tries))
+        except PlacementError:
+            pass
+        first = f"{shape}:{size}"
+        for alt_shape, alt_size in fallback_order(specs, shape, size):
+            if alt_shape == FOREGROUND:
+                return PriorDraw(fg.copy(), f"{first} -> {FOREGROUND}")
+            try:
+                return PriorDraw(self.place(alt_shape, alt_size, fg, rng, max_tries), f"{first} -> {alt_shape}:{alt_size}")
+            except PlacementError:
+                continue
+        whole = np.ones_like(fg)
+        try:
+            mask = self.place(shape, size, whole, rng, max_tries)
+        except PlacementError:  # centred, the shape keeps what fits in the image
+            h, w = fg.shape
+            mask = draw_shape(shape, fg.shape, ((h - 1) / 2, (w - 1) / 2), class_area(size, fg.shape, rng), rng)
+            if mask.sum() < self.min_pixels:
+                raise
+        return PriorDraw(mask, f"{first} -> {WHOLE_IMAGE}")
+
+    def place(
+        self, shape: str, size: str, fg: np.ndarray, rng: np.random.Generator, max_tries: int = 30
+    ) -> np.ndarray:
+        """`shape` of a `size`-class area with most of it on `fg`, in at most `max_tries` draws."""
         ys, xs = np.nonzero(fg)
         for _ in range(max_tries):
             area = class_area(size, fg.shape, rng)
             pick = int(rng.integers(len(ys)))
             center = (ys[pick] + rng.uniform(-0.5, 0.5), xs[pick] + rng.uniform(-0.5, 0.5))
-            kept = draw_shape(spec.shape, fg.shape, center, area, rng) & fg
+            kept = draw_shape(shape, fg.shape, center, area, rng) & fg
             if kept.sum() >= max(self.min_kept_fraction * area, self.min_pixels):
                 return kept
-        raise InputError(
-            f"could not place mask prior '{spec.shape}:{size}' in {max_tries} tries: the foreground "
+        raise PlacementError(
+            f"could not place mask prior '{shape}:{size}' in {max_tries} tries: the foreground "
             f"({int(fg.sum())} px of {fg.size}) is too small or too thin for it"
         )
+
+    @staticmethod
+    def _choose(specs: Sequence[PriorSpec], rng: np.random.Generator) -> tuple[str, str | None]:
+        """One spec drawn uniformly, then one of its size classes: (shape, size); (FOREGROUND, None)."""
+        if not specs:
+            raise InputError("no mask priors to sample from")
+        spec = specs[int(rng.integers(len(specs)))]
+        if spec.shape == FOREGROUND:
+            return FOREGROUND, None
+        sizes = spec.sizes()
+        return spec.shape, sizes[int(rng.integers(len(sizes)))]
 
     @staticmethod
     def _check_foreground(foreground: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from core.errors import InputError
+from synthesis.priors import PlacementError
 
 
 @dataclass
@@ -149,6 +150,6 @@ def place_region(
             composite = target.copy()
             composite[window][placed[window]] = patch.image[placed[window]]
             return composite, placed
-    raise InputError(
+    raise PlacementError(
         f"could not place a {ph}x{pw} defect with >= {min_kept:.0%} of it on the foreground in {max_tries} tries"
     )
