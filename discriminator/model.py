@@ -17,6 +17,7 @@ EfficientNet-Lite0; a ViT-B backbone adds ~350 MB). Loading never unpickles.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from core.manifest import write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DIGEST_KEY = "weights_sha256"  # in config.json: ties its thresholds to these exact weights
 MODEL_TYPE = "uniadc-discriminator"
 FORMAT_VERSION = 1
 
@@ -329,7 +331,9 @@ class Discriminator(nn.Module):
         directory = Path(directory)
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_model(self, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
-        payload = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **self.config.to_dict()}
+            digest = weights_digest(Path(tmp))
+        payload = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, DIGEST_KEY: digest,
+                   **self.config.to_dict()}
         write_text_atomic(directory / CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
 
     @classmethod
@@ -381,4 +385,26 @@ def read_config(directory: Path) -> DiscriminatorConfig:
     version = data.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise InputError(f"unsupported checkpoint format_version {version!r} (expected {FORMAT_VERSION})", directory)
+    check_weights_digest(directory, data.pop(DIGEST_KEY, None))
     return DiscriminatorConfig.from_dict(data, path=directory)
+
+
+def weights_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_weights_digest(directory: Path, recorded: str | None) -> None:
+    """The weights must be the file this config.json was saved with: a config.json copied from
+    another checkpoint of the same architecture would load without a word and score with the
+    other model's calibrated thresholds. Checkpoints saved before the digest existed (no key)
+    load unchecked."""
+    if recorded is None:
+        return
+    found = weights_digest(directory / WEIGHTS_NAME)
+    if found != recorded:
+        raise InputError(
+            f"{WEIGHTS_NAME} is not the file this {CONFIG_NAME} was saved with (sha256 {found[:12]}…, "
+            f"{CONFIG_NAME} records {str(recorded)[:12]}…); keep each checkpoint's two files together",
+            directory,
+        )

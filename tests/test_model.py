@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,28 @@ def test_bad_checkpoints_name_the_directory(tmp_path, model):
     (ckpt / WEIGHTS_NAME).unlink()
     with pytest.raises(InputError, match=WEIGHTS_NAME):
         Discriminator.from_pretrained(ckpt)
+
+
+def test_config_copied_from_another_checkpoint_is_refused(tmp_path, model):
+    """Same architecture, other weights and thresholds: the recorded weights digest catches it;
+    a checkpoint saved before the digest existed still loads."""
+    model.save_pretrained(tmp_path / "a")
+    other = Discriminator(make_config(seed=1))
+    other.config.pixel_threshold = 0.3
+    other.save_pretrained(tmp_path / "b")
+    recorded = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "a" / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+    shutil.copy(tmp_path / "b" / CONFIG_NAME, tmp_path / "a" / CONFIG_NAME)
+    refused = r"model\.safetensors is not the file this config\.json was saved with"
+    with pytest.raises(InputError, match=refused) as err:
+        Discriminator.from_pretrained(tmp_path / "a")
+    assert str(tmp_path / "a") in str(err.value) and "\n" not in str(err.value)
+
+    legacy = json.loads((tmp_path / "b" / CONFIG_NAME).read_text())
+    del legacy["weights_sha256"]
+    (tmp_path / "b" / CONFIG_NAME).write_text(json.dumps(legacy))
+    assert Discriminator.from_pretrained(tmp_path / "b").config.pixel_threshold == 0.3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
