@@ -25,11 +25,16 @@ from core.atomic import atomic_path
 from core.errors import InputError
 from core.images import encode_png
 from core.manifest import write_text_atomic
+from synthesis.hub import check_repo_id, check_write_access, hub_step, resolve_token
 from synthesis.shots import SHOTS_CONFIG, SHOTS_DIR, shot_features
 
 DATA_DIR = "data"
 CARD_NAME = "README.md"
 SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+# Parquet schema metadata key of the renderer's notes on a shard (placement fallbacks per task id),
+# beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
+# render still counts every fallback.
+NOTES_KEY = b"uniadc"
 LICENSE = "other"  # inherits the licence of the source images, which we cannot know
 TAGS = ["anomaly-detection", "synthetic", "industrial-inspection", "uniadc"]
 
@@ -307,16 +312,24 @@ def write_card(out_dir: str | Path, info: CardInfo) -> Path:
 
 
 def push_to_hub(out_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload the card and shards (nothing else) to a Hub dataset repo; returns the commit URL."""
+    """Upload the card and shards (nothing else) to a Hub dataset repo; returns the commit URL.
+
+    The repo id, the dataset and the token (one `whoami` call) are checked before any upload;
+    every failure a user can cause is one `InputError` line (`synthesis.hub`).
+    """
     from huggingface_hub import HfApi  # the only network-facing import; kept out of module import
 
     out_dir = Path(out_dir)
+    check_repo_id(repo_id)
     validate_dataset(out_dir)
     if not (out_dir / CARD_NAME).is_file():
         raise InputError("dataset card README.md missing; the synthesize stage did not finish", out_dir)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    commit = api.upload_folder(
+    api = HfApi(token=resolve_token(token))
+    check_write_access(api, repo_id)
+    hub_step(f"create the dataset repo {repo_id}", api.create_repo, repo_id, repo_type="dataset",
+             private=private, exist_ok=True)
+    commit = hub_step(
+        f"upload to {repo_id}", api.upload_folder,
         folder_path=str(out_dir),
         repo_id=repo_id,
         repo_type="dataset",

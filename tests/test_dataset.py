@@ -188,6 +188,7 @@ def test_push_uploads_card_and_shards_only(tmp_path):
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.upload_folder.return_value = mock.Mock(commit_url="https://hub/commit/1")
+        api.whoami.return_value = {"name": "me", "orgs": []}
         url = push_to_hub(tmp_path, "me/tile-anomalies", private=True, token="tok")
     assert url == "https://hub/commit/1"
     api_cls.assert_called_once_with(token="tok")
