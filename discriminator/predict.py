@@ -141,7 +141,7 @@ class Predictor:
             getattr(config, "image_threshold", 0.5) if image_threshold is None else image_threshold
         )
         self.top_k = int(getattr(config, "image_top_k", 100) if top_k is None else top_k)
-        self.graph = InferenceGraph(self.model, self.pixel_threshold, self.image_threshold, self.top_k)
+        self.graph = InferenceGraph(self.model, self.pixel_threshold, self.image_threshold, self.top_k).eval()
 
     @property
     def class_names(self) -> list[str]:
