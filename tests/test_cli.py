@@ -14,15 +14,16 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def run_main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
-    """In-process `uniadc ARGS` run from `cwd` (fast: no interpreter start): (exit code, stderr)."""
+def run_main(args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """In-process `uniadc ARGS` run from `cwd` (fast: no interpreter start): (exit code, stderr, stdout)."""
     from pipelines.cli import main
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["uniadc", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err, captured.out
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -57,14 +58,14 @@ def test_bad_set_override_is_one_line_error(tmp_path):
          "error: p.yaml: `train.steps` must be >= 1, got -5"),
         (["evaluate", "--params", "p.yaml", "--set", "image_size=-1"],
          "error: p.yaml: `image_size` must be >= 32, got -1"),
-        (["predict", "x.png", "--model", "m", "--device", "gpu0"],
-         "error: unknown device 'gpu0'; use auto, cpu, cuda, cuda:N, mps or xpu"),
+        (["train", "--params", "p.yaml", "--set", "train.device=gpu0"],
+         "error: p.yaml: `train.device` must be a device name (auto, cpu, cuda, cuda:N, mps or xpu), got 'gpu0'"),
     ],
     ids=["missing-params", "demo-size", "steps", "image-size", "device"],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "p.yaml").write_text("seed: 0\n")
-    code, stderr = run_main(args, tmp_path, monkeypatch, capsys)
+    code, stderr, _ = run_main(args, tmp_path, monkeypatch, capsys)
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()

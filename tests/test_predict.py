@@ -96,13 +96,44 @@ def test_run_predict_yields_one_record_and_overlay_per_image(checkpoint, tmp_pat
     assert list(run_predict(paths[:1], checkpoint))[0]["overlay"] is None
 
 
-def test_unreadable_image_or_missing_checkpoint_is_input_error(checkpoint, tmp_path):
+def test_a_bad_file_gets_an_error_record_and_the_rest_of_its_batch_is_scored(checkpoint, tmp_path):
+    rng = np.random.default_rng(1)
+    good = [tmp_path / f"good{i}.png" for i in range(3)]
+    for path in good:
+        write_png(path, rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
-    with pytest.raises(InputError) as err:
-        list(run_predict([str(broken)], checkpoint))
-    assert str(broken) in str(err.value)
-    with pytest.raises(InputError, match="missing.png"):
-        list(run_predict([str(tmp_path / "missing.png")], checkpoint))
+    paths = [str(good[0]), str(broken), str(good[1]), str(tmp_path / "missing.png"), str(good[2])]
+    records = list(run_predict(paths, checkpoint, device="cpu", batch_size=2))
+    assert [r["path"] for r in records] == paths
+    assert "cannot decode image" in records[1]["error"] and "error" not in records[0]
+    assert "missing.png" not in records[3]["error"] and records[3]["error"]  # the path is its own field
+    alone = [next(run_predict([str(p)], checkpoint, device="cpu")) for p in good]
+    assert [records[i]["score"] for i in (0, 2, 4)] == [r["score"] for r in alone]
+    assert list(run_predict([str(broken)], checkpoint))[0]["path"] == str(broken)  # a batch of only bad files
     with pytest.raises(InputError):
         list(run_predict([str(broken)], tmp_path / "no_model"))
+
+
+def test_cli_predict_goes_on_after_a_bad_file_and_exits_2(checkpoint, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import run_main
+
+    good = tmp_path / "good.png"
+    write_png(good, np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "broken.png").write_text("not an image")
+    code, stderr, stdout = run_main(["predict", "broken.png", "good.png", "--model", str(checkpoint),
+                                     "--device", "cpu"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    broken, scored = [json.loads(line) for line in stdout.splitlines()]
+    assert broken["path"] == "broken.png" and "cannot decode image" in broken["error"]
+    assert scored["path"] == "good.png" and 0 <= scored["score"] <= 1
+    assert stderr.strip().splitlines() == ['error: 1 of 2 images could not be scored (see their "error" lines)']
+
+
+def test_cli_predict_with_an_unknown_device_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    from tests.test_cli import run_main
+
+    code, stderr, stdout = run_main(["predict", "x.png", "--model", str(checkpoint), "--device", "gpu0"],
+                                    tmp_path, monkeypatch, capsys)
+    assert code == 2 and stdout == ""
+    assert stderr.strip().splitlines() == ["error: unknown device 'gpu0'; use auto, cpu, cuda, cuda:N, mps or xpu"]

@@ -95,7 +95,7 @@ def test_a_refused_upload_is_one_line(dataset, hub):
     ],
 )
 def test_cli_push_failures_are_one_line_and_exit_2(dataset, hub, monkeypatch, capsys, args, message):
-    code, stderr = run_main([*args, "--dir", str(dataset)], dataset.parent, monkeypatch, capsys)
+    code, stderr, _ = run_main([*args, "--dir", str(dataset)], dataset.parent, monkeypatch, capsys)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message)
