@@ -10,6 +10,7 @@ a plain run is one process. Rerunning resumes where a crash stopped.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -120,8 +121,10 @@ def run_synthesize(
     """Render this process's share; the main process returns the finished dataset's summary.
 
     `out_dir` must be new, empty or made by this command; another job's dataset there is only
-    replaced with `overwrite`.
+    replaced with `overwrite`. The main process prints "resuming: ..." before a resumed render and
+    `summary_line` at the end.
     """
+    started = time.monotonic()
     import torch
     from accelerate import PartialState  # initialises torch.distributed under `accelerate launch`
 
@@ -135,7 +138,7 @@ def run_synthesize(
     check_out_folder(out_dir)  # before loading any model: a foreign folder is refused at once
     inputs = load_inputs(manifest, image_size)
     backend = (backend_factory or build_backend)(config)
-    render(
+    report = render(
         inputs,
         config,
         backend,
@@ -148,13 +151,27 @@ def run_synthesize(
         barrier=state.wait_for_everyone,
         progress=state.is_main_process,
         overwrite=overwrite,
+        announce=lambda line: print(line, flush=True),
     )
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     # the real shots travel with the dataset (config `shots`), so it alone is enough to retrain
     shots = write_shots(out_dir, manifest, lambda s: source_id(s, manifest.source.get("root")))
-    return finalize(out_dir, shots=shots.counts, test_set=describe_test_set(manifest))
+    summary = finalize(out_dir, shots=shots.counts, test_set=describe_test_set(manifest))
+    print(summary_line(out_dir, summary, report.resumed_shards, time.monotonic() - started), flush=True)
+    return summary
+
+
+def summary_line(out_dir: str | Path, summary: DatasetSummary, resumed_shards: int, seconds: float) -> str:
+    """What a finished `synthesize` did, in one line."""
+    counts = ", ".join(f"{name} {n}" for name, n in summary.counts.items())
+    minutes, secs = divmod(round(seconds), 60)
+    return (
+        f"{out_dir}: {summary.num_rows} rows of {len(summary.class_names)} types ({counts}) in "
+        f"{summary.num_shards} shards, {resumed_shards} resumed; {len(summary.fallbacks)} placement "
+        f"fallbacks{' (listed in README.md)' if summary.fallbacks else ''}; {minutes}m {secs:02d}s"
+    )
 
 
 def push_dataset(out_dir: str | Path, repo_id: str, private: bool = False) -> str:

@@ -35,6 +35,10 @@ SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 # beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
 # render still counts every fallback.
 NOTES_KEY = b"uniadc"
+# Parquet schema metadata key of the renderer's notes on a shard (placement fallbacks per task id),
+# beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
+# render still counts every fallback.
+NOTES_KEY = b"uniadc"
 LICENSE = "other"  # inherits the licence of the source images, which we cannot know
 TAGS = ["anomaly-detection", "synthetic", "industrial-inspection", "uniadc"]
 
@@ -62,6 +66,7 @@ class DatasetSummary:
     num_shards: int
     class_names: list[str]
     counts: dict[str, int]  # rows per anomaly type, in class order
+    fallbacks: dict[str, str] = field(default_factory=dict)  # task id -> what replaced its mask prior
 
 
 @dataclass
@@ -76,6 +81,7 @@ class CardInfo:
     params: dict = field(default_factory=dict)  # the synthesis settings used
     model_id: str | None = None
     model_revision: str | None = None
+    fallbacks: dict[str, str] = field(default_factory=dict)  # task id -> what replaced its mask prior
     shots: dict[str, int] | None = None  # real shots per class (normal first) in the `shots` config
     test_set: dict | None = None  # how the source's test set is drawn (`shots.describe_test_set`)
 
@@ -127,11 +133,25 @@ def rows_to_table(rows: Sequence[DatasetRow], features: datasets.Features) -> pa
     return pa.Table.from_pydict(columns, schema=features.arrow_schema)
 
 
-def write_shard(rows: Sequence[DatasetRow], path: str | Path, features: datasets.Features) -> None:
-    """Write one Parquet shard atomically: a crash leaves either the whole shard or none."""
+def write_shard(
+    rows: Sequence[DatasetRow], path: str | Path, features: datasets.Features, notes: dict | None = None
+) -> None:
+    """Write one Parquet shard atomically: a crash leaves either the whole shard or none.
+
+    `notes` (JSON) go into the schema metadata under `NOTES_KEY`; `shard_notes` reads them back.
+    """
     table = rows_to_table(rows, features)
+    if notes:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), NOTES_KEY: json.dumps(notes, sort_keys=True).encode()}
+        )
     with atomic_path(path) as tmp:  # hidden temp name: neither `data/train-*` nor `datasets` picks it up
         pq.write_table(table, tmp)
+
+
+def shard_notes(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[NOTES_KEY]) if NOTES_KEY in meta else {}
 
 
 def remove_stale_temp_files(out_dir: str | Path) -> list[Path]:
@@ -179,9 +199,11 @@ def validate_dataset(out_dir: str | Path) -> DatasetSummary:
     expected = dataset_features(label.names)
     seen: set[str] = set()
     counts: Counter[int] = Counter()
+    fallbacks: dict[str, str] = {}
     for path in shards:
         if _features_of(path) != expected:
             raise InputError("schema differs from the frozen dataset schema", path)
+        fallbacks.update(shard_notes(path).get("fallbacks", {}))
         columns = pq.read_table(path, columns=["task_id", "label"]).to_pydict()
         for task_id in columns["task_id"]:
             if task_id in seen:
@@ -193,6 +215,7 @@ def validate_dataset(out_dir: str | Path) -> DatasetSummary:
         num_shards=total,
         class_names=list(label.names),
         counts={name: counts.get(i, 0) for i, name in enumerate(label.names)},
+        fallbacks=dict(sorted(fallbacks.items())),
     )
 
 
@@ -255,6 +278,7 @@ def card_text(info: CardInfo) -> str:
         "|---|---|",
         counts,
         "",
+        *_fallback_section(info),
         "Synthesis parameters:",
         "",
         "```yaml",
@@ -274,6 +298,23 @@ def card_text(info: CardInfo) -> str:
            ""] if info.shots else []),
     ]
     return "\n".join(lines)
+
+
+def _fallback_section(info: CardInfo) -> list[str]:
+    """How many masks were not drawn from their first-choice prior, by type and replacement."""
+    if not info.fallbacks:
+        return []
+    by_kind = Counter((task_id.rsplit("-", 1)[0], note) for task_id, note in info.fallbacks.items())
+    return [
+        f"Placement fallbacks: {len(info.fallbacks)} of {sum(info.counts.values())} masks did not fit the "
+        "foreground with their first-choice prior and were drawn as below (task ids in the shards' "
+        f"`{NOTES_KEY.decode()}` Parquet metadata).",
+        "",
+        "| anomaly type | first choice -> drawn instead | images |",
+        "|---|---|---|",
+        *(f"| {anomaly_type} | {note} | {n} |" for (anomaly_type, note), n in sorted(by_kind.items())),
+        "",
+    ]
 
 
 def _shots_section(info: CardInfo) -> list[str]:

@@ -39,7 +39,7 @@ from synthesis.dataset import (
     write_shard,
 )
 from synthesis.foreground import ForegroundFn, classical_foreground
-from synthesis.priors import PriorLibrary, PriorSpec, default_priors_for, parse_priors
+from synthesis.priors import WHOLE_IMAGE, PlacementError, PriorLibrary, PriorSpec, default_priors_for, parse_priors
 from synthesis.regions import augment_region, cut_regions, place_region
 from synthesis.seeding import derive_seed, numpy_rng
 from synthesis.selection import CandidateScorer, ReferenceSSIMScorer, VisibilityScorer, select_best
@@ -84,6 +84,8 @@ class RenderReport:
     skipped: list[int]  # shard indices of this rank already on disk
     rows_written: int
     fresh_start: bool  # a different job's output was removed (only with overwrite)
+    fallbacks: int = 0  # masks of this call's rows not drawn from their first-choice prior
+    resumed_shards: int = 0  # shards of every rank already on disk when the main process started
 
 
 def plan_tasks(
@@ -152,6 +154,7 @@ class RequestBuilder:
         self.config = config
         self.foreground = foreground
         self.priors = PriorLibrary()
+        self.fallbacks: dict[str, str] = {}  # task id -> what replaced its mask (see `build`)
         self._foregrounds: dict[int, np.ndarray] = {}
         self._regions: dict[int, list] = {}
         self._specs: dict[str, list[PriorSpec]] = {}
@@ -179,7 +182,11 @@ class RequestBuilder:
         return self._specs[anomaly_type]
 
     def build(self, task: RenderTask) -> tuple[str, PaintRequest]:
-        """(source id, request); the draw order below is part of the dataset's definition."""
+        """(source id, request); the draw order below is part of the dataset's definition.
+
+        A mask that does not fit the foreground falls back (`PriorLibrary.sample_with_fallback`;
+        a real defect region goes anywhere on the image); `fallbacks` records what was used.
+        """
         rng = numpy_rng(task.seed)
         source = int(rng.integers(len(self.inputs.normal_images)))
         source_id, image = self.inputs.normal_images[source]
@@ -193,9 +200,19 @@ class RequestBuilder:
                 raise ValueError(f"few-shot task {task.task_id} but no shot of type {task.anomaly_type!r}")
             regions = self.regions_of(shots[int(rng.integers(len(shots)))])
             patch = augment_region(regions[int(rng.integers(len(regions)))], rng)
-            reference, mask = place_region(patch, image, foreground, rng)
+            try:
+                reference, mask = place_region(patch, image, foreground, rng)
+            except PlacementError:  # one hard image must not stop the render: anywhere on it
+                reference, mask = place_region(patch, image, None, rng)
+                self.fallbacks[task.task_id] = f"real defect region -> {WHOLE_IMAGE}"
         else:
-            mask = self.priors.sample(self.prior_specs(task.anomaly_type), foreground, rng)
+            try:
+                draw = self.priors.sample_with_fallback(self.prior_specs(task.anomaly_type), foreground, rng)
+            except PlacementError as exc:
+                raise InputError(f"anomaly type {task.anomaly_type!r} cannot be rendered on {source_id}: {exc}") from None
+            mask = draw.mask
+            if draw.fallback:
+                self.fallbacks[task.task_id] = draw.fallback
         request = PaintRequest(
             image=image,
             mask=np.asarray(mask, dtype=bool),
@@ -409,10 +426,12 @@ def render(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> RenderReport:
     """Render this rank's missing shards. `barrier` syncs ranks after the main one prepared the output.
 
-    `overwrite` lets a different job's output in `out_dir` be replaced (see `prepare_output`).
+    `overwrite` lets a different job's output in `out_dir` be replaced (see `prepare_output`);
+    `announce` gets the main process's line about a resumed render.
     """
     out_dir = Path(out_dir)
     zero_shot_scorer = zero_shot_scorer or VisibilityScorer()
@@ -430,6 +449,9 @@ def render(
     if rank != 0 and (read_state(out_dir) or {}).get("fingerprint") != state["fingerprint"]:
         raise RuntimeError(f"rank {rank} planned a different job than the main process in {out_dir}")
 
+    resumed = sum(shard_path(out_dir, i, len(chunks)).exists() for i in range(len(chunks))) if rank == 0 else 0
+    if resumed and announce is not None:
+        announce(f"resuming: {resumed} of {len(chunks)} shards done")
     mine = shards_of_rank(len(chunks), rank, world_size)
     todo = [i for i in mine if not shard_path(out_dir, i, len(chunks)).exists()]
     builder = RequestBuilder(inputs, config, foreground or classical_foreground)
@@ -441,7 +463,8 @@ def render(
     ) as bar:
         for i in todo:
             rows = render_chunk(chunks[i], builder, backend, scorers, config, on_task_done=bar.update)
-            write_shard(rows, shard_path(out_dir, i, len(chunks)), features)
+            fallbacks = {t.task_id: builder.fallbacks[t.task_id] for t in chunks[i] if t.task_id in builder.fallbacks}
+            write_shard(rows, shard_path(out_dir, i, len(chunks)), features, {"fallbacks": fallbacks} if fallbacks else None)
             rows_written += len(rows)
     return RenderReport(
         rank=rank,
@@ -451,6 +474,8 @@ def render(
         skipped=[i for i in mine if i not in todo],
         rows_written=rows_written,
         fresh_start=fresh,
+        fallbacks=len(builder.fallbacks),
+        resumed_shards=resumed,
     )
 
 
@@ -485,6 +510,7 @@ def finalize(out_dir: str | Path, shots: dict[str, int] | None = None,
             params=params,
             model_id=diffusion.get("model"),
             model_revision=diffusion.get("revision"),
+            fallbacks=summary.fallbacks,
             shots=shots,
             test_set=test_set,
         ),

@@ -123,3 +123,46 @@ def test_make_foreground_defaults_to_classical():
 def test_missing_segmentation_model_is_input_error(tmp_path):
     with pytest.raises(InputError, match="no_such_model"):
         make_foreground(ForegroundConfig(model=str(tmp_path / "no_such_model")))
+
+
+def circuit_board(size: int = 256, seed: int = 0) -> np.ndarray:
+    """A high-contrast binary image: thin black traces with a bend and square pads on white."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), 245, np.uint8)
+    scale = size / 256
+    for _ in range(14):
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, 4))
+        width = max(1, round(rng.integers(2, 5) * scale))
+        cv2.line(image, (x0, y0), (x1, y0), (20, 20, 20), width)
+        cv2.line(image, (x1, y0), (x1, y1), (20, 20, 20), width)
+    for _ in range(20):
+        x, y = (int(v) for v in rng.integers(8, size - 8, 2))
+        r = max(1, round(rng.integers(4, 9) * scale))
+        cv2.rectangle(image, (x - r, y - r), (x + r, y + r), (20, 20, 20), -1)
+    return image
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_thin_scattered_lines_are_no_object_the_whole_image_is(seed):
+    image = circuit_board(seed=seed)
+    assert 0.15 < (image[..., 0] < 128).mean() < 0.25  # it has a clean Otsu split: the lines and pads
+    assert classical_foreground(image).all()
+
+
+@pytest.mark.parametrize("shape", ["needle", "screw", "legs"])
+def test_thin_or_irregular_compact_objects_stay_objects(shape):
+    size = 256
+    mask = np.zeros((size, size), np.uint8)
+    if shape == "needle":  # thin (nothing survives the erosion) but not scattered
+        cv2.line(mask, (30, 40), (220, 200), 1, 15)
+    elif shape == "screw":
+        cv2.fillPoly(mask, [cv2.boxPoints(((128, 128), (180, 28), 35)).astype(np.int32)], 1)
+        cv2.circle(mask, (60, 80), 22, 1, -1)
+    else:  # a transistor: body and three legs
+        cv2.rectangle(mask, (70, 50), (186, 140), 1, -1)
+        for x in (90, 128, 166):
+            cv2.rectangle(mask, (x - 5, 140), (x + 5, 230), 1, -1)
+    image = np.full((size, size, 3), 60, np.uint8)
+    image[mask.astype(bool)] = 200
+    found = classical_foreground(image)
+    assert not found.all() and _iou(found, mask.astype(bool)) > 0.6

@@ -177,3 +177,54 @@ def test_default_priors_follow_the_type_name(anomaly_type: str, expected: set[st
 def test_default_priors_for_an_unknown_type_are_a_broad_valid_mix() -> None:
     specs = parse_priors(default_priors_for("weird_defect"))
     assert len({spec.shape for spec in specs}) >= 5
+
+
+# --- fallbacks: a prior that does not fit never stops a render ----------------------------------
+
+
+def test_fallback_draws_like_sample_while_the_first_choice_fits():
+    from synthesis.priors import PriorLibrary
+
+    specs = parse_priors(["circle:small", "rectangle:medium"])
+    fg = np.ones((64, 64), bool)
+    for seed in range(5):
+        plain = PriorLibrary().sample(specs, fg, np.random.default_rng(seed))
+        draw = PriorLibrary().sample_with_fallback(specs, fg, np.random.default_rng(seed))
+        assert draw.fallback is None and np.array_equal(draw.mask, plain)
+
+
+def test_fallback_order_tries_the_types_other_priors_no_larger_then_smaller_sizes():
+    from synthesis.priors import fallback_order
+
+    specs = parse_priors(["circle:large", "rectangle:medium", "line", "rectangle:large"])
+    assert fallback_order(specs, "circle", "large") == [
+        ("rectangle", "medium"), ("line", "tiny"), ("line", "small"), ("rectangle", "large"),
+        ("circle", "medium"), ("circle", "small"), ("circle", "tiny"),
+    ]
+
+
+def test_a_large_prior_on_a_thin_foreground_falls_back_to_a_smaller_one():
+    from synthesis.priors import PlacementError, PriorLibrary
+
+    fg = np.zeros((128, 128), bool)
+    fg[60:68, :] = True  # an 8 px strip: no large circle keeps half of itself on it
+    specs = parse_priors(["circle:large", "circle:tiny"])
+    rng = np.random.default_rng(0)
+    with pytest.raises(PlacementError, match="circle:large"):
+        PriorLibrary().place("circle", "large", fg, rng)
+    fallbacks = set()
+    for seed in range(20):
+        draw = PriorLibrary().sample_with_fallback(specs, fg, np.random.default_rng(seed))
+        assert draw.mask.any() and not (draw.mask & ~fg).any()
+        fallbacks.add(draw.fallback)
+    assert fallbacks == {None, "circle:large -> circle:tiny"}  # tiny ones fit; large ones fell back
+
+
+def test_nothing_fits_the_foreground_then_the_whole_image_is_used():
+    from synthesis.priors import PriorLibrary
+
+    fg = np.zeros((128, 128), bool)
+    fg[::16, ::16] = True  # isolated pixels: not even a tiny shape keeps 4 px on it
+    draw = PriorLibrary().sample_with_fallback(parse_priors(["ellipse:medium"]), fg, np.random.default_rng(1))
+    assert draw.fallback == "ellipse:medium -> whole image"
+    assert draw.mask.sum() > 0.01 * draw.mask.size

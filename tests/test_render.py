@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -351,6 +352,24 @@ def test_run_synthesize_matches_render_on_the_same_inputs(tmp_path, reference):
     assert (tmp_path / "out" / "README.md").is_file()
 
 
+def test_run_synthesize_says_what_it_did(tmp_path, capsys):
+    from pipelines.synthesize import run_synthesize
+
+    manifest, out = write_manifest(tmp_path / "src"), tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_synthesize(manifest, out, make_config(), image_size=SIZE, global_seed=SEED,
+                       backend_factory=lambda c: FakeBackend(fail_after_calls=3))
+    done = len(shard_bytes(out))
+    capsys.readouterr()
+    run_synthesize(manifest, out, make_config(), image_size=SIZE, global_seed=SEED, backend_factory=lambda c: FakeBackend())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"resuming: {done} of 4 shards done"
+    assert re.fullmatch(
+        rf"{re.escape(str(out))}: 10 rows of 2 types \(crack 5, stain 5\) in 4 shards, {done} resumed; "
+        r"0 placement fallbacks; 0m \d\ds", lines[-1]
+    ), lines[-1]
+
+
 def test_run_synthesize_with_the_classical_backend(tmp_path):
     from pipelines.synthesize import run_synthesize
 
@@ -436,3 +455,61 @@ def test_clip_scorer_is_built_only_when_configured():
         "tile",
         local_files_only=True,
     )
+
+
+# --- hard images: a mask that does not fit falls back, counted; the render never stops -----------
+
+
+def circuit_inputs(size: int = 128) -> RenderInputs:
+    from tests.test_foreground import circuit_board
+
+    shot = circuit_board(size, 9)
+    blob = np.zeros((size, size), dtype=bool)
+    blob[20:60, 30:70] = True  # a large real defect: half of it never lands on thin traces
+    shot[blob] = 128
+    return RenderInputs(
+        category="board",
+        class_names=list(TYPES),
+        normal_images=[(f"good/{i:03d}.png", circuit_board(size, i)) for i in range(3)],
+        anomaly_shots=[("crack", shot, blob)],
+    )
+
+
+LARGE_PRIORS = {"default": ["circle:large", "rectangle:large"]}
+
+
+def test_a_circuit_board_renders_fully_with_the_classical_foreground(tmp_path):
+    config = make_config(images_per_type=3, priors=LARGE_PRIORS)
+    render(circuit_inputs(), config, FakeBackend(), tmp_path, global_seed=SEED, progress=False)
+    summary = finalize(tmp_path)
+    assert summary.num_rows == 6 and summary.fallbacks == {}  # thin traces are no object: the whole image is
+
+
+def test_masks_that_do_not_fit_the_foreground_fall_back_and_are_counted(tmp_path):
+    def traces(image):  # 1 px lines, like the traces a split may take as the object of such an image
+        fg = np.zeros(image.shape[:2], dtype=bool)
+        fg[::8] = True
+        return fg
+
+    config = make_config(images_per_type=3, priors=LARGE_PRIORS)
+    # a crash after the first shard: the fallbacks of the shards already written must still count
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        render(circuit_inputs(), config, FakeBackend(fail_after_calls=2), tmp_path / "a", global_seed=SEED,
+               progress=False, foreground=traces)
+    lines: list[str] = []
+    report = render(circuit_inputs(), config, FakeBackend(), tmp_path / "a", global_seed=SEED, progress=False,
+                    foreground=traces, announce=lines.append)
+    assert lines == ["resuming: 1 of 2 shards done"] and report.resumed_shards == 1
+    summary = finalize(tmp_path / "a")
+    render(circuit_inputs(), config, FakeBackend(), tmp_path / "b", global_seed=SEED, progress=False, foreground=traces)
+    assert summary.fallbacks == finalize(tmp_path / "b").fallbacks and shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+
+    assert summary.num_rows == 6 and len(summary.fallbacks) >= 3
+    notes = set(summary.fallbacks.values())
+    assert "real defect region -> whole image" in notes  # the few-shot crack region
+    assert all(n.startswith(("circle:large -> ", "rectangle:large -> ", "real defect")) for n in notes)
+    assert len(summary.fallbacks) == 6  # nothing keeps half of itself on 1 px lines
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert f"Placement fallbacks: {len(summary.fallbacks)} of 6 masks" in card
+    ds = datasets.load_dataset(str(tmp_path / "a"), split="train", cache_dir=str(tmp_path / "cache"))
+    assert all(np.asarray(m).any() for m in ds["mask"])
