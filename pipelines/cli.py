@@ -56,13 +56,13 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the procedural generator.")
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
 def demo_data(out: str, seed: int, size: int) -> None:
-    """Write the built-in procedural demo dataset (MVTec AD layout) to OUT."""
+    """Write the built-in procedural demo dataset (MVTec AD layout, two categories) to OUT."""
     from pipelines.config import DemoConfig, check_value
-    from pipelines.demo_data import generate_demo_dataset
+    from pipelines.demo_data import generate_demo_categories
 
     check_value(DemoConfig, "size", size, None, "--size")
-    root = generate_demo_dataset(Path(out), seed=seed, size=size)
-    click.echo(f"demo dataset written to {root}")
+    folders = generate_demo_categories(Path(out), seed=seed, size=size)
+    click.echo(f"demo dataset written to {out}: categories {', '.join(f.name for f in folders)}")
 
 
 @cli.command()
@@ -70,14 +70,16 @@ def demo_data(out: str, seed: int, size: int) -> None:
 @SET_OPTION
 @click.option("--out", default="data/prepared", show_default=True, type=click.Path(file_okay=False),
               help="Folder for manifest.json.")
-def prepare(params_path: str, overrides: tuple[str, ...], out: str) -> None:
+@click.option("--category", default=None,
+              help="The category to prepare (overrides data.category; dvc.yaml passes each of data.categories).")
+def prepare(params_path: str, overrides: tuple[str, ...], out: str, category: str | None) -> None:
     """Pick the shots and the test set from the source data (params `data:`) into a manifest."""
     params = _params(params_path, overrides)
     from pipelines.prepare import prepare_manifest
 
     d = params.data
     manifest = prepare_manifest(
-        d.root, layout=d.layout, category=d.category, anomaly_types=d.anomaly_types,
+        d.root, layout=d.layout, category=category or d.category, anomaly_types=d.anomaly_types,
         k_normal=d.k_normal, k_anomaly=d.k_anomaly,
     )
     path = Path(out) / "manifest.json"
@@ -180,8 +182,42 @@ def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manif
 
 
 @cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--root", default=None, type=click.Path(file_okay=False), help="Source data (default: data.root).")
+@click.option("--layout", default=None, help="Its layout (default: data.layout).")
+def categories(params_path: str, overrides: tuple[str, ...], root: str | None, layout: str | None) -> None:
+    """Print every category the layout finds, as a YAML list for data.categories (`-S data.categories=...`)."""
+    from pipelines.sources import list_categories
+
+    params = _params(params_path, overrides)
+    click.echo("[" + ", ".join(list_categories(root or params.data.root, layout or params.data.layout)) + "]")
+
+
+@cli.command()
+@PARAMS_OPTION
+@SET_OPTION
+@click.option("--reports", "reports_dir", default="reports/categories", show_default=True,
+              type=click.Path(file_okay=False), help="Folder holding one `uniadc evaluate` report per category.")
+@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for metrics.json (per-category and mean) and summary.md.")
+def aggregate(params_path: str, overrides: tuple[str, ...], reports_dir: str, out: str) -> None:
+    """Per-category and mean metrics over data.categories, and a Markdown table (summary.md)."""
+    from pipelines.aggregate import COLUMNS, run_aggregate
+
+    params = _params(params_path, overrides)
+    names = params.data.categories
+    if names is None:  # no list in params: every category that has a report
+        names = sorted(p.parent.name for p in Path(reports_dir).glob("*/metrics.json"))
+    result = run_aggregate(reports_dir, names, out)
+    mean = ", ".join(f"{title} {100 * result['mean'][k]:.1f}" for k, title in COLUMNS if k in result["mean"])
+    click.echo(f"{out}/summary.md: {len(names)} categories; mean {mean}")
+
+
+@cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Checkpoint folder, or its export: an .onnx file or an OpenVINO folder / .xml.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for overlay PNGs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 def predict(images: tuple[str, ...], model_dir: str, out: str | None, device: str) -> None:
@@ -200,6 +236,20 @@ def predict(images: tuple[str, ...], model_dir: str, out: str | None, device: st
         click.echo(json.dumps(record))
     if failed:  # every other image was scored; the exit code still tells scripts that some were not
         raise InputError(f"{failed} of {len(images)} images could not be scored (see their \"error\" lines)")
+
+
+@cli.command()
+@click.option("--model", "model_dir", default="models/discriminator", show_default=True,
+              type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "openvino"]))
+@click.option("--out", default=None, type=click.Path(),
+              help="The .onnx file or OpenVINO folder (default: beside the checkpoint, MODEL.onnx / MODEL-openvino).")
+def export(model_dir: str, fmt: str, out: str | None) -> None:
+    """Export the whole inference graph (thresholds and class names included) for `uniadc predict --model`."""
+    from discriminator.deploy.export import export_model
+
+    path = export_model(model_dir, fmt, out)
+    click.echo(f"{path}: {fmt} export of {model_dir}")
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
-from discriminator.model import Discriminator
-from discriminator.predict import Predictor, images_to_tensor, resolve_device
+from discriminator.deploy.inferencers import load_inferencer
+from discriminator.predict import images_to_tensor
 from discriminator.report import save_overlay
 from core.errors import InputError
 from core.images import read_image
@@ -40,13 +40,12 @@ def run_predict(image_paths: list[str], model_dir: str | Path, out_dir: str | Pa
                 device: str = "auto", batch_size: int = BATCH_SIZE) -> Iterator[dict]:
     """Per image: path, score, anomalous, type (name), type_id and overlay (PNG path or None).
 
-    Images are read at the checkpoint's resolution; an unreadable one gets a record
-    `{"path", "error"}` and the others are scored as usual.
+    `model_dir` is a checkpoint folder, or an export of one (an .onnx file, an OpenVINO folder or
+    .xml), which gives the same records. Images are read at the model's resolution; an unreadable
+    one gets a record `{"path", "error"}` and the others are scored as usual.
     """
-    torch_device = resolve_device(device)
-    model = Discriminator.from_pretrained(model_dir, device=torch_device)
-    predictor = Predictor(model, device=torch_device)
-    names, size = predictor.class_names, model.config.image_size
+    predictor = load_inferencer(model_dir, device)
+    names, size = predictor.class_names, predictor.image_size
     targets = overlay_paths(image_paths, Path(out_dir)) if out_dir is not None else [None] * len(image_paths)
     for start in range(0, len(image_paths), batch_size):
         paths = image_paths[start : start + batch_size]
