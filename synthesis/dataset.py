@@ -35,10 +35,6 @@ SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 # beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
 # render still counts every fallback.
 NOTES_KEY = b"uniadc"
-# Parquet schema metadata key of the renderer's notes on a shard (placement fallbacks per task id),
-# beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
-# render still counts every fallback.
-NOTES_KEY = b"uniadc"
 LICENSE = "other"  # inherits the licence of the source images, which we cannot know
 TAGS = ["anomaly-detection", "synthetic", "industrial-inspection", "uniadc"]
 

@@ -30,13 +30,6 @@ _MIN_COMPONENT_SHARE = 0.1
 # a scatter of blobs is not thin, so both stay objects.
 _MIN_INTERIOR_SHARE = 0.25
 _MIN_SOLIDITY = 0.5
-# An "object" both thin (under this share of it survives an erosion by 1/32 of the image side) and
-# scattered (under this share of its convex hull) is no object: the traces and pads of a circuit
-# board or the lines of a scanned drawing (0.01-0.11 and 0.14-0.30 on such images; compact objects,
-# a screw or a transistor with legs included, 0.43+ and 0.69+). A thin needle is not scattered and
-# a scatter of blobs is not thin, so both stay objects.
-_MIN_INTERIOR_SHARE = 0.25
-_MIN_SOLIDITY = 0.5
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -62,16 +55,6 @@ def _keep_large_components(mask: np.ndarray) -> np.ndarray:
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = 1 + np.flatnonzero(areas >= _MIN_COMPONENT_SHARE * areas.max())
     return np.isin(labels, keep)
-
-
-def _is_thin_and_scattered(mask: np.ndarray) -> bool:
-    radius = max(1, min(mask.shape) // 32)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    area = int(mask.sum())
-    interior = int(cv2.erode(mask.astype(np.uint8), kernel).sum())
-    hull = np.zeros(mask.shape, np.uint8)
-    cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(mask.astype(np.uint8))), 1)
-    return interior < _MIN_INTERIOR_SHARE * area and area < _MIN_SOLIDITY * int(hull.sum())
 
 
 def _is_thin_and_scattered(mask: np.ndarray) -> bool:

@@ -40,16 +40,11 @@ SIZE_CLASSES: dict[str, tuple[float, float]] = {
 
 FOREGROUND = "foreground"  # the whole foreground mask: not drawn, so it has no size class
 WHOLE_IMAGE = "whole image"  # the last fallback: the prior placed ignoring the foreground
-WHOLE_IMAGE = "whole image"  # the last fallback: the prior placed ignoring the foreground
 MIN_STROKE_WIDTH = 1.5  # px: thinner strokes break into dots once rasterised
 PERLIN_ROUGHNESS = 1.5  # noise weight against the radial falloff (1 = one blob radius): higher, more ragged
 CANVAS_MARGIN = 1.25  # canvas half-size / shape reach: the field must exceed the kept level at the border
 
 Field = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-class PlacementError(InputError):
-    """A shape or a real defect region found no place on the foreground (the renderer falls back)."""
 
 
 class PlacementError(InputError):

@@ -14,7 +14,6 @@ import numpy as np
 
 from core.errors import InputError
 from synthesis.priors import PlacementError
-from synthesis.priors import PlacementError
 
 
 @dataclass
