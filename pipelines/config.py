@@ -33,7 +33,10 @@ class DemoConfig:
 class DataConfig:
     root: str = "data/demo"
     layout: str = "auto"  # auto | mvtec | mvtec_fs | mtd | folder
-    category: str | None = None
+    category: str | None = None  # the category of a plain `uniadc prepare` (one per run)
+    # the categories `dvc repro` runs, one prepare/synthesize/train/evaluate each (dvc.yaml foreach);
+    # `uniadc categories` prints every category the layout finds, to paste here or pass with -S
+    categories: list[str] | None = None
     anomaly_types: list[str] | None = None  # label order; sorted names when None
     k_normal: int = field(default=2, metadata=at_least(1))
     k_anomaly: int = field(default=0, metadata=at_least(0))

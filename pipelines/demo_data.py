@@ -1,6 +1,9 @@
 """A small procedural dataset in the MVTec AD layout, so the whole pipeline runs without real data.
 
-Brushed-metal surfaces (horizontal streaks, slow shading, lighting ramp) with four defect types
+Two categories, so the default `dvc repro` exercises a run over several categories:
+``demo_surface``, brushed-metal surfaces (horizontal streaks, slow shading, lighting ramp), and
+``demo_fabric``, a blue plain-weave fabric (threads going over and under, fibre grain, folds).
+Both get the same four defect types
 drawn with their masks: ``crack`` (branching thin dark line), ``hole`` (round pit, lit from the
 upper left), ``scratch`` (thin curved groove with a bright edge), ``stain`` (brownish blob).
 Deterministic: the same arguments give byte-identical files. Each image draws from its own
@@ -25,6 +28,8 @@ from synthesis.noise import fractal_noise
 from synthesis.seeding import numpy_rng
 
 DEMO_CATEGORY = "demo_surface"
+FABRIC_CATEGORY = "demo_fabric"
+DEMO_CATEGORIES = (DEMO_CATEGORY, FABRIC_CATEGORY)  # what `uniadc demo-data` writes
 # Written last into the category folder: the files this generator wrote and their digests, so a
 # rerun replaces only a folder holding nothing else.
 MARKER_NAME = ".uniadc-demo.json"
@@ -41,6 +46,23 @@ def _surface(rng: np.random.Generator, size: int, tint: np.ndarray) -> np.ndarra
     ramp = np.cos(angle) * xx + np.sin(angle) * yy
     grey = 0.55 + 0.07 * streaks + 0.04 * grain + 0.12 * shading + 0.10 * ramp
     return grey[..., None] * tint[None, None, :]
+
+
+def _weave(rng: np.random.Generator, size: int, tint: np.ndarray) -> np.ndarray:
+    """A plain-weave fabric texture, float (H, W, 3) in about [0, 1]: warp and weft threads
+    alternate over/under in a checkerboard, each bright along its middle."""
+    period = size / rng.uniform(18.0, 24.0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    x, y = (xx + rng.uniform(0, period)) / period, (yy + rng.uniform(0, period)) / period
+    warp_on_top = (np.floor(x) + np.floor(y)) % 2 == 0
+    thread = np.where(warp_on_top, np.sin(np.pi * (x % 1.0)), np.sin(np.pi * (y % 1.0))) ** 0.6
+    grain = fractal_noise((size, size), max(2, size // 32), rng, octaves=2) - 0.5
+    folds = fractal_noise((size, size), 2, rng, octaves=1) - 0.5
+    grey = 0.38 + 0.22 * thread + 0.05 * grain + 0.14 * folds
+    return grey[..., None] * (tint * FABRIC_TINT)[None, None, :]
+
+
+FABRIC_TINT = np.array([0.72, 0.86, 1.25], np.float32)  # denim blue
 
 
 def _point(rng: np.random.Generator, size: int, margin: float = 0.15) -> np.ndarray:
@@ -208,22 +230,27 @@ def generate_demo_dataset(
     An existing ``<category>/`` folder is replaced only when it holds nothing but this generator's
     own files; files of anyone else's there (or edited ones) make it refuse, touching nothing.
     """
+    if category not in SURFACES:
+        raise InputError(f"unknown demo category {category!r} (known: {', '.join(SURFACES)})")
+    texture = SURFACES[category]
+    # the first category keeps the seeds it always had, so its files do not change
+    key = ("demo",) if category == DEMO_CATEGORY else ("demo", category)
     out_dir = Path(out_dir)
     target = out_dir / category
     check_target(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tint = np.array([0.97, 1.0, 1.04], np.float32) * numpy_rng(seed, "demo", "tint").uniform(0.95, 1.05, 3)
+    tint = np.array([0.97, 1.0, 1.04], np.float32) * numpy_rng(seed, *key, "tint").uniform(0.95, 1.05, 3)
     build = _scratch_dir(out_dir, f".{category}.tmp")
     build.mkdir()
     try:
         for split, folder, count in (("train", "train/good", n_train), ("test", "test/good", n_test_good)):
             for i in range(count):
-                rng = numpy_rng(seed, "demo", split, "good", i)
-                _write(build / folder / f"{i:03d}.png", _to_uint8(_surface(rng, size, tint)))
+                rng = numpy_rng(seed, *key, split, "good", i)
+                _write(build / folder / f"{i:03d}.png", _to_uint8(texture(rng, size, tint)))
         for name, paint in DEFECTS.items():
             for i in range(n_per_type):
-                rng = numpy_rng(seed, "demo", "test", name, i)
-                image, mask = paint(_surface(rng, size, tint), rng)
+                rng = numpy_rng(seed, *key, "test", name, i)
+                image, mask = paint(texture(rng, size, tint), rng)
                 _write(build / "test" / name / f"{i:03d}.png", _to_uint8(image))
                 _write(build / "ground_truth" / name / f"{i:03d}_mask.png", mask)
         _write_marker(build, seed=seed, size=size)
@@ -232,3 +259,15 @@ def generate_demo_dataset(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return target
+
+
+SURFACES: dict[str, Callable[[np.random.Generator, int, np.ndarray], np.ndarray]] = {
+    DEMO_CATEGORY: _surface,
+    FABRIC_CATEGORY: _weave,
+}
+
+
+def generate_demo_categories(out_dir: str | Path, seed: int = 0, size: int = 256,
+                             categories: tuple[str, ...] = DEMO_CATEGORIES, **counts) -> list[Path]:
+    """Every demo category under `out_dir` (an MVTec AD root); returns the category folders."""
+    return [generate_demo_dataset(out_dir, seed=seed, size=size, category=c, **counts) for c in categories]

@@ -320,6 +320,30 @@ def detect_layout(root: str | Path) -> str:
     return "folder"
 
 
+def list_categories(root: str | Path, layout: str = "auto") -> list[str]:
+    """Every category the layout finds under `root`, sorted: what `data.categories: all` means.
+
+    MVTec AD: the category folders (or the root itself when it is one); MVTec-FS: the
+    ``samples/{train,test}_<category>.jsonl`` names; MTD and plain folders hold one category.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("dataset folder not found", root)
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "mvtec":
+        names = [root.name] if _is_mvtec_category(root) else [p.name for p in _subfolders(root) if _is_mvtec_category(p)]
+    elif layout == "mvtec_fs":
+        names = _fs_categories(root)
+    elif layout in READERS:
+        names = [READERS[layout](root, None).category]
+    else:
+        raise InputError(f"unknown dataset layout {layout!r}; known: {sorted(READERS)} or 'auto'")
+    if not names:
+        raise InputError(f"no categories found ({layout} layout)", root)
+    return sorted(names)
+
+
 def read_source(root: str | Path, layout: str = "auto", category: str | None = None) -> SourceData:
     """Read the dataset at `root`; `layout="auto"` detects it. Unknown layout → `InputError`."""
     root = Path(root)

@@ -71,3 +71,27 @@ def test_files_beside_the_category_folder_are_kept(tmp_path):
     generate_demo_dataset(tmp_path, seed=0, **SMALL)
     generate_demo_dataset(tmp_path, seed=1, **SMALL)
     assert (tmp_path / "README.md").read_text() == "mine"
+
+
+def test_two_categories_with_different_surfaces_read_as_one_mvtec_root(tmp_path):
+    from pipelines.demo_data import DEMO_CATEGORIES, generate_demo_categories
+    from pipelines.sources import list_categories
+
+    folders = generate_demo_categories(tmp_path, seed=0, **SMALL)
+    assert [f.name for f in folders] == list(DEMO_CATEGORIES) == ["demo_surface", "demo_fabric"]
+    assert list_categories(tmp_path) == sorted(DEMO_CATEGORIES)
+    # the first category's files are exactly those of the single-category generator
+    alone = generate_demo_dataset(tmp_path / "alone", seed=0, **SMALL)
+    assert _files(folders[0]) == _files(alone)
+    means = []
+    for folder in folders:
+        source = read_source(tmp_path, category=folder.name)
+        assert source.anomaly_types == sorted(DEFECTS)
+        for anomaly_type in source.anomaly_types:
+            for sample in source.samples[anomaly_type]:
+                image, mask = read_sample(sample)
+                assert np.abs(image[mask].mean(axis=0) - image[~mask].mean(axis=0)).max() > 15, anomaly_type
+        means.append(read_sample(source.samples["normal"][0])[0].reshape(-1, 3).mean(axis=0))
+    assert np.abs(means[0] - means[1]).max() > 20  # visibly different surfaces (grey metal, blue fabric)
+    with pytest.raises(InputError, match="unknown demo category 'carpet'"):
+        generate_demo_dataset(tmp_path, category="carpet", **SMALL)

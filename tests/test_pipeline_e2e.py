@@ -1,5 +1,6 @@
-"""`dvc repro` end to end on tiny settings: all five stages run, metrics are DVC metrics, and
-a change to the train params reruns only train + evaluate (the frozen dataset is reused)."""
+"""`dvc repro` end to end on tiny settings: every stage of both demo categories and the aggregate
+run, metrics are DVC metrics, a change to the train params reruns only train + evaluate (the frozen
+datasets are reused), and adding a category runs only that category's stages."""
 
 import json
 import shutil
@@ -35,27 +36,47 @@ def dvc(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
+CATEGORIES = ["demo_surface", "demo_fabric"]
+PER_CATEGORY = ("prepare", "synthesize", "train", "evaluate")
+
+
+def ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
 @pytest.mark.skipif(DVC is None, reason="dvc is not installed")
-def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(tmp_path):
+def test_dvc_repro_runs_every_category_then_aggregates_and_reruns_only_what_changed(tmp_path):
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert params["data"]["categories"] == CATEGORIES  # the default run exercises two categories
     dvc("init", "--no-scm", "-q", cwd=tmp_path)
 
-    out = dvc("repro", cwd=tmp_path)
-    for stage in ("demo_data", "prepare", "synthesize", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in out
-    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    for name in ("image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou"):
-        assert 0.0 <= metrics[name] <= 1.0
-    assert (tmp_path / "models/discriminator/model.safetensors").is_file()
-    assert list((tmp_path / "data/synthetic/data").glob("train-*.parquet"))
-    assert "image_auroc" in dvc("metrics", "show", cwd=tmp_path)
+    def repro(**data) -> set[str]:
+        params["data"].update(data)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return ran(dvc("repro", cwd=tmp_path))
 
-    assert "Running stage" not in dvc("repro", cwd=tmp_path)
+    # one category first, then the second is added: only its own stages (and the aggregate) run
+    assert repro(categories=CATEGORIES[:1]) == {"demo_data", "aggregate"} | {f"{s}@demo_surface" for s in PER_CATEGORY}
+    assert repro(categories=CATEGORIES) == {"aggregate"} | {f"{s}@demo_fabric" for s in PER_CATEGORY}
+    for category in CATEGORIES:
+        metrics = json.loads((tmp_path / f"reports/categories/{category}/metrics.json").read_text())
+        for name in ("image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou"):
+            assert 0.0 <= metrics[name] <= 1.0
+        assert (tmp_path / f"models/{category}/model.safetensors").is_file()
+        assert list((tmp_path / f"data/synthetic/{category}/data").glob("train-*.parquet"))
+        # train ran without a manifest: the shots came from the dataset
+        assert list((tmp_path / f"data/synthetic/{category}/shots").glob("train-*.parquet"))
+    summary = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert set(summary["categories"]) == set(CATEGORIES) and summary["mean"]["categories"] == 2
+    per = [summary["categories"][c]["image_auroc"] for c in CATEGORIES]
+    assert summary["mean"]["image_auroc"] == pytest.approx(sum(per) / 2)
+    table = (tmp_path / "reports/summary.md").read_text()
+    assert all(f"| {c} |" in table for c in CATEGORIES) and "**mean** (2)" in table
+    shown = dvc("metrics", "show", cwd=tmp_path)
+    assert "mean.image_auroc" in shown and "categories.demo_fabric.pixel_miou" in shown
+
+    assert repro() == set()  # nothing changed, nothing runs
 
     params["train"]["steps"] = 4
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = dvc("repro", cwd=tmp_path)
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'synthesize'" not in out and "Running stage 'prepare'" not in out
+    assert repro() == {"aggregate"} | {f"{s}@{c}" for s in ("train", "evaluate") for c in CATEGORIES}
