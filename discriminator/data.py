@@ -14,6 +14,7 @@ the number of data-loader workers. A slice of the synthetic rows, chosen by hash
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from core.manifest import Manifest, Sample
 
 SHARD_GLOB = "data/train-*.parquet"
 SHOTS_GLOB = "shots/train-*.parquet"  # the dataset's `shots` config: the real shots it was made from
+# The synthesis side names shard i of n `train-{i:05d}-of-{n:05d}.parquet`: the names alone say
+# whether a render finished (read here from the files, so this half never imports synthesis/).
+SHARD_NAME = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 NORMAL = "normal"
 MAX_SHIFT_FRACTION = 1 / 16  # small shifts keep thin defects inside the frame
 
@@ -62,6 +66,27 @@ def _cell_bytes(cell) -> bytes:
     return cell["bytes"]
 
 
+def check_shards_complete(root: Path, shards: Sequence[Path]) -> None:
+    """Refuse a dataset whose rendering did not finish (a crash or an error mid-render leaves some
+    shards): training on it would silently use part of the data."""
+    found: dict[int, set[int]] = {}
+    for path in shards:
+        match = SHARD_NAME.match(path.name)
+        if match is None:
+            raise InputError("not a shard name of the frozen dataset (train-XXXXX-of-YYYYY.parquet)", path)
+        found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    if len(found) > 1:
+        raise InputError(f"shards of different renders are mixed (of {', '.join(map(str, sorted(found)))})", root / "data")
+    total, present = found.popitem()
+    missing = [f"train-{i:05d}-of-{total:05d}.parquet" for i in range(total) if i not in present]
+    if missing:
+        raise InputError(
+            f"rendering did not finish: {len(missing)} of {total} shards missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); rerun the same `uniadc synthesize` to finish it",
+            root,
+        )
+
+
 def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = None) -> SyntheticRows:
     """Read the frozen dataset and, when a manifest is given, check it against the manifest.
 
@@ -74,6 +99,7 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = Non
     shards = sorted(root.glob(SHARD_GLOB))
     if not shards:
         raise InputError("no Parquet shards under data/; run `uniadc synthesize` first", root)
+    check_shards_complete(root, shards)
     try:
         table = pa.concat_tables(pq.read_table(p) for p in shards)
     except (pa.ArrowInvalid, OSError) as exc:

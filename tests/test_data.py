@@ -7,6 +7,7 @@ train / evaluate / predict tests share: an easy problem where "spot" is a bright
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -248,3 +249,20 @@ def test_training_data_yields_image_and_target_tensors(frozen):
     assert targets.shape == (8, 32, 32) and targets.dtype == torch.long
     assert targets[:2].max() == 0 and targets[2:].max() > 0  # normals first, then anomalies
     assert int(targets.max()) <= len(TYPES)
+
+
+def test_a_dataset_whose_rendering_did_not_finish_is_refused(tmp_path, frozen):
+    dataset_dir, manifest = frozen
+    partial = tmp_path / "partial"
+    shutil.copytree(dataset_dir, partial)
+    data = partial / "data"
+    shard = data / "train-00000-of-00001.parquet"
+    for i in (0, 2):  # shards 0 and 2 of 4 landed before the crash
+        shutil.copy(shard, data / f"train-{i:05d}-of-00004.parquet")
+    shard.unlink()
+    with pytest.raises(InputError, match=r"partial: rendering did not finish: 2 of 4 shards missing "
+                                         r"\(train-00001-of-00004.parquet, train-00003-of-00004.parquet\); rerun"):
+        load_synthetic_rows(partial, manifest)
+    shutil.copy(data / "train-00000-of-00004.parquet", data / "train-00000-of-00002.parquet")
+    with pytest.raises(InputError, match=r"shards of different renders are mixed \(of 2, 4\)"):
+        load_synthetic_rows(partial, manifest)
