@@ -75,17 +75,33 @@ def test_batched_strengths_reproduce_one_pipeline_call_per_strength(pipeline):
             assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
 
 
-def test_half_precision_takes_the_same_loop():
+def _masked_difference(requests, a_out, b_out) -> float:
+    """Mean absolute pixel difference inside the masks, over every candidate of every request."""
+    return float(np.mean([
+        np.abs(a.image.astype(int) - b.image.astype(int))[request.mask].mean()
+        for request, a_list, b_list in zip(requests, a_out, b_out) for a, b in zip(a_list, b_list)
+    ]))
+
+
+def test_half_precision_takes_the_same_loop(pipeline):
     """bf16 as on a GPU (CPU kernels here): the loop's dtype plumbing matches the pipeline's."""
     pipe = get_dummy_inpaint_pipeline().to(dtype=torch.bfloat16)
     requests = [_request(4), _request(5, few_shot=True)]
     batched = _backend(pipe).paint(requests, [0.4, 1.0])
     per_strength = _backend(pipe, batch_strengths=False).paint(requests, [0.4, 1.0])
-    for request, a_list, b_list in zip(requests, batched, per_strength):
-        for a, b in zip(a_list, b_list):
+    for request, a_list in zip(requests, batched):
+        for a in a_list:
             assert np.array_equal(a.image[~request.mask], request.image[~request.mask])
-            # bf16 rounds differently in a differently shaped batch; the repaint moves pixels by ~55
-            assert np.abs(a.image.astype(int) - b.image.astype(int))[request.mask].mean() < 6
+    # Why this bound: bf16 keeps 8 bits of mantissa, and its rounding depends on the batch shape
+    # and the CPU's kernels (thread count, AVX2/AVX-512), so the loop (one batch for all
+    # strengths) and the pipeline (one per strength) cannot match to a fixed pixel count: guidance
+    # 12.5 amplifies the rounding, and a fixed bound of 6 failed on another machine at 6.06. The
+    # scale of that rounding on this model is what bf16 does to the pipeline itself (bf16 against
+    # fp32, same calls: ~13 here, the weights themselves are rounded). The loop may differ from the
+    # pipeline by rounding of that size (~3 measured) but not more; a plumbing error (a draw in the
+    # wrong order or dtype, a wrong mask or guidance) differs by as much as another seed (~60).
+    fp32 = _backend(pipeline, batch_strengths=False).paint(requests, [0.4, 1.0])
+    assert _masked_difference(requests, batched, per_strength) < _masked_difference(requests, per_strength, fp32)
 
 
 def test_same_seed_same_pixels_whatever_the_batch(pipeline):
@@ -198,8 +214,25 @@ def test_from_config_loads_a_saved_pipeline_offline(pipeline, tmp_path):
     assert backend.model_id == str(tmp_path / "inpaint") and backend.revision is None
     assert backend.batch_strengths
     assert backend.pipeline.unet.dtype == torch.float32
+    loaded = backend.pipeline
+    assert type(loaded) is type(pipeline)
+    for name in ("unet", "vae", "text_encoder"):  # the very weights, bit for bit
+        saved, got = getattr(pipeline, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in saved)
+    assert type(loaded.scheduler) is type(pipeline.scheduler)
+    assert {k: v for k, v in loaded.scheduler.config.items() if not k.startswith("_")} == {
+        k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")
+    }
+    prompt = _request(10).prompt
+    assert loaded.tokenizer(prompt).input_ids == pipeline.tokenizer(prompt).input_ids
+    # Why one level and not bit-equal: from_config also tunes the pipeline (a sliced VAE) and the
+    # loaded weights live in other memory, so the same maths may round differently in the last
+    # float bit (seen with one thread or AVX2 kernels); fp32 noise that small moves a pixel by at
+    # most one level when it crosses a rounding edge. A wrong weight, scheduler or prompt moves
+    # the repaint by tens of levels.
     expected = _backend(pipeline).paint([_request(10)], [0.6])[0][0].image
-    assert np.array_equal(backend.paint([_request(10)], [0.6])[0][0].image, expected)
+    got = backend.paint([_request(10)], [0.6])[0][0].image
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
 def test_sdxl_checkpoint_loads_its_own_class_and_paints_one_call_per_strength(tmp_path):
