@@ -351,7 +351,7 @@ def check_out_folder(out_dir: str | Path) -> None:
         raise InputError("the output folder is a file", out_dir)
     if (out_dir / STATE_NAME).is_file():
         return
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    entries = sorted(p.name for p in out_dir.iterdir() if not _is_state_temp(p)) if out_dir.is_dir() else []
     if entries:
         raise InputError(
             f"folder is not empty and was not made by `uniadc synthesize` (no {STATE_NAME}; holds "
@@ -359,6 +359,18 @@ def check_out_folder(out_dir: str | Path) -> None:
             "choose a new or empty --out folder",
             out_dir,
         )
+
+
+def _is_state_temp(path: Path) -> bool:
+    """A temp file of our state write, left by a process killed while claiming the folder."""
+    return path.name.startswith(f".{STATE_NAME}.") and path.name.endswith(".tmp")
+
+
+def _remove_own_temp_files(out_dir: Path) -> None:
+    """Temp files a killed writer left in our own folder (card, state, shards, shots)."""
+    for stale in [*out_dir.glob(".*.tmp"), *remove_stale_temp_files(out_dir), *out_dir.glob("shots/.*.tmp")]:
+        stale.unlink(missing_ok=True)
+        log.info("removed stale temp file %s", stale)
 
 
 def prepare_output(out_dir: str | Path, state: dict, overwrite: bool = False) -> bool:
@@ -373,9 +385,9 @@ def prepare_output(out_dir: str | Path, state: dict, overwrite: bool = False) ->
     if not state_path.is_file():
         check_out_folder(out_dir)
         write_text_atomic(state_path, json.dumps(state, indent=1))
+        _remove_own_temp_files(out_dir)
         return False
-    for stale in remove_stale_temp_files(out_dir):
-        log.info("removed stale temp file %s", stale)
+    _remove_own_temp_files(out_dir)
     previous = read_state(out_dir)
     replaced = False
     if previous is None or previous.get("fingerprint") != state["fingerprint"]:
