@@ -278,6 +278,60 @@ def type_accuracy(true_labels: np.ndarray, pred_labels: np.ndarray) -> float:
     return float(np.mean(true == pred))
 
 
+def class_recall(matrix: np.ndarray) -> np.ndarray:
+    """Recall per true class (row) of a confusion matrix; NaN for a class absent from the truth.
+
+    >>> class_recall(np.array([[3, 1], [0, 0]])).tolist()
+    [0.75, nan]
+    """
+    hits = np.diag(matrix).astype(np.float64)
+    rows = matrix.sum(axis=1)
+    return np.divide(hits, rows, out=np.full(len(hits), np.nan), where=rows > 0)
+
+
+def balanced_accuracy(true_labels: np.ndarray, pred_labels: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in the truth: a classifier that calls every image
+    normal scores 1/(number of classes) here, however many normal images the test set holds.
+
+    >>> balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 2)
+    0.5
+    """
+    return float(np.nanmean(class_recall(confusion_matrix(true_labels, pred_labels, num_classes))))
+
+
+def per_type_image_auroc(labels: np.ndarray, scores: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C+1,) image AUROC of each anomaly type's images against the normal images (index 0 and
+    types without images are NaN): which types the image score finds and which it misses.
+
+    >>> per_type_image_auroc(np.array([0, 0, 1, 2]), np.array([0.1, 0.3, 0.2, 0.9]), 3).tolist()
+    [nan, 0.5, 1.0]
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    out = np.full(num_classes, np.nan)
+    normal = labels == 0
+    if not normal.any():
+        return out
+    for c in range(1, num_classes):
+        chosen = normal | (labels == c)
+        if (labels == c).any():
+            out[c] = auroc(labels[chosen] == c, scores[chosen])
+    return out
+
+
+def worst_failures(labels: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(normal images with the highest scores, anomalous images with the lowest), up to `count`
+    each, worst first: the false positives and negatives a person should look at first.
+
+    >>> [a.tolist() for a in worst_failures(np.array([0, 0, 1, 1]), np.array([0.2, 0.9, 0.1, 0.8]), 1)]
+    [[1], [2]]
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels > 0)
+    positives = normal[np.argsort(-scores[normal], kind="stable")][:count]
+    negatives = anomalous[np.argsort(scores[anomalous], kind="stable")][:count]
+    return positives, negatives
+
+
 def class_iou(matrix: np.ndarray) -> np.ndarray:
     """IoU per class from a confusion matrix; NaN for a class absent from truth and prediction.
 
@@ -448,6 +502,7 @@ class Metrics:
     pixel_miou: float
     image_f1_max: float
     pixel_f1_max: float
+    balanced_accuracy: float = float("nan")  # mean per-class recall over the C+1 classes
 
     def to_dict(self) -> dict[str, float]:
         return {name: float(value) for name, value in asdict(self).items()}

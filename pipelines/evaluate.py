@@ -10,6 +10,8 @@ Writes under `out_dir`:
 - `plots/{image,pixel}_{roc,pr}.json` (DVC plots), `confusion_matrix.png`, `overlays.png`.
 - `report.md`: the same numbers for people, with what each protocol means and the device (words
   stay out of metrics.json: DVC shows every value there as a column).
+- `per_type.json`: per class, image AUROC against the normals, recall, pixel IoU, and the image
+  confusion matrix; `failures.png`: the worst false positives and negatives with their maps.
 """
 
 from __future__ import annotations
@@ -121,7 +123,48 @@ def compute_metrics(scored: ScoredTestSet, prediction: Prediction, num_classes: 
         pixel_miou=_defined(M.pixel_miou, scored.true_types, prediction.type_maps.numpy(), num_classes),
         image_f1_max=_defined(M.f1_max, image_truth, scores),
         pixel_f1_max=_defined(M.f1_max, pixel_truth, maps),
+        balanced_accuracy=_defined(M.balanced_accuracy, scored.labels, prediction.types.numpy(), num_classes),
     )
+
+
+def _numbers(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
+
+
+def per_type_report(scored: ScoredTestSet, class_names: list[str]) -> dict:
+    """Per class (normal first): test images, image AUROC against the normal images, image-level
+    recall of the type decision, pixel IoU; and the image-level confusion matrix. Numbers only,
+    lists in class order, so a reader (or DVC) can compare runs type by type."""
+    prediction, n = scored.prediction, len(class_names)
+    matrix = M.confusion_matrix(scored.labels, prediction.types.numpy(), n)
+    pixel_matrix = M.confusion_matrix(scored.true_types, prediction.type_maps.numpy(), n)
+    return {
+        "class_names": list(class_names),
+        "images": np.bincount(scored.labels, minlength=n).tolist(),
+        "image_auroc": _numbers(M.per_type_image_auroc(scored.labels, prediction.scores.numpy(), n)),
+        "recall": _numbers(M.class_recall(matrix)),
+        "pixel_iou": _numbers(M.class_iou(pixel_matrix)),
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def failure_rows(scored: ScoredTestSet, samples: list[Sample], size: int, count: int, threshold: float,
+                 class_names: list[str]) -> list[OverlayRow]:
+    """The worst false positives (normal images, highest scores) then false negatives (anomalous
+    images, lowest scores), with their maps; images are read again, only these few."""
+    prediction = scored.prediction
+    scores = prediction.scores.numpy()
+    positives, negatives = M.worst_failures(scored.labels, scores, count)
+    rows = []
+    for kind, indices in (("normal, highest score", positives), ("anomalous, lowest score", negatives)):
+        for i in indices:
+            image, _ = read_sample(samples[i], size)
+            rows.append(OverlayRow(
+                image, scored.true_types[i], prediction.anomaly_maps[i].numpy(), prediction.type_maps[i].numpy(),
+                f"{Path(samples[i].path).name}\n{kind}\n{scores[i]:.3f} (cut {threshold:.3f}), "
+                f"{class_names[scored.labels[i]]} -> {class_names[int(prediction.types[i])]}",
+            ))
+    return rows
 
 
 def reference_prediction(prediction: Prediction, top_k: int) -> Prediction:
@@ -248,6 +291,11 @@ def run_evaluate(params: Params, model_dir: str | Path, manifest_path: str | Pat
     save_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png",
                           f"{manifest.category}: image-level types (calibrated thresholds)")
     save_overlay_grid(scored.overlay_rows, class_names, out_dir / "overlays.png")
+    write_json(out_dir / "per_type.json", per_type_report(scored, class_names))
+    if params.evaluate.overlays > 0:
+        failures = failure_rows(scored, manifest.test, params.image_size, max(params.evaluate.overlays // 2, 1),
+                                predictor.image_threshold, class_names)
+        save_overlay_grid(failures, class_names, out_dir / "failures.png")
     write_report(out_dir / REPORT_NAME, manifest, result, device)
     write_json(out_dir / "metrics.json", result)
     return result

@@ -19,7 +19,8 @@ from pipelines.train import run_train
 from tests.test_data import write_frozen_dataset, write_manifest
 from tests.test_train import tiny_params
 
-METRIC_NAMES = ["image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou", "image_f1_max", "pixel_f1_max"]
+METRIC_NAMES = ["image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou", "image_f1_max", "pixel_f1_max",
+                "balanced_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,24 @@ def test_curves_and_figures_are_written(evaluated):
     pr = json.loads((reports / "plots/pixel_pr.json").read_text())
     assert {"recall", "precision", "threshold"} == set(pr[0])
     assert (reports / "plots/pixel_roc.json").is_file() and (reports / "plots/image_pr.json").is_file()
-    for figure in ("confusion_matrix.png", "overlays.png"):
+    for figure in ("confusion_matrix.png", "overlays.png", "failures.png"):
         assert read_image(reports / figure).shape[0] > 100
+
+
+def test_per_type_report_agrees_with_the_overall_metrics(evaluated):
+    root, manifest_path, result = evaluated
+    report = json.loads((root / "reports/per_type.json").read_text())
+    class_names = Manifest.load(manifest_path).class_names
+    n = len(class_names)
+    assert report["class_names"] == class_names
+    assert sum(report["images"]) == result["test_images"]
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.shape == (n, n) and matrix.sum() == result["test_images"]
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(result["type_accuracy"])
+    recalls = [r for r in report["recall"] if r is not None]
+    assert np.mean(recalls) == pytest.approx(result["balanced_accuracy"])
+    assert report["image_auroc"][0] is None
+    assert all(len(report[key]) == n for key in ("image_auroc", "recall", "pixel_iou"))
 
 
 def test_checkpoint_for_other_types_or_category_is_refused(evaluated, tmp_path):

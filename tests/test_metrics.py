@@ -280,9 +280,49 @@ def test_aupro_undefined_cases_are_errors(implementation):
 
 
 def test_metrics_to_dict_is_json_ready():
-    result = Metrics(np.float64(0.9), 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+    result = Metrics(np.float64(0.9), 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
     as_dict = result.to_dict()
     assert list(as_dict) == [
-        "image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou", "image_f1_max", "pixel_f1_max"
+        "image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou", "image_f1_max", "pixel_f1_max",
+        "balanced_accuracy",
     ]
     assert json.loads(json.dumps(as_dict))["image_auroc"] == 0.9
+
+
+# ---------------------------------------------------------------- per-class diagnostics
+
+
+def test_balanced_accuracy_is_not_fooled_by_the_majority_class():
+    # 7 normal, 2 + 1 anomalous: "all normal" has 70 % accuracy but a third balanced accuracy
+    true = np.array([0] * 7 + [1, 1, 2])
+    all_normal = np.zeros_like(true)
+    assert metrics.type_accuracy(true, all_normal) == pytest.approx(0.7)
+    assert metrics.balanced_accuracy(true, all_normal, 3) == pytest.approx(1 / 3)
+    # one of each anomalous class found, one normal lost: (6/7 + 1/2 + 1) / 3
+    pred = np.array([0] * 6 + [1, 1, 0, 2])
+    assert metrics.balanced_accuracy(true, pred, 3) == pytest.approx((6 / 7 + 0.5 + 1.0) / 3)
+    assert metrics.balanced_accuracy(true, pred, 3) == pytest.approx(skm.balanced_accuracy_score(true, pred))
+
+
+def test_class_recall_skips_classes_absent_from_the_truth():
+    recall = metrics.class_recall(confusion_matrix(np.array([0, 0, 2]), np.array([0, 1, 2]), 3))
+    assert recall[0] == 0.5 and np.isnan(recall[1]) and recall[2] == 1.0
+
+
+def test_per_type_image_auroc_ranks_each_type_against_the_normals_only():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    scores = np.array([0.1, 0.2, 0.6, 0.5, 0.9, 0.05])
+    out = metrics.per_type_image_auroc(labels, scores, 4)
+    assert np.isnan(out[0]) and np.isnan(out[3])  # normal itself, and a type without images
+    assert out[1] == pytest.approx(skm.roc_auc_score([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.9]))
+    assert out[2] == 0.0  # the lone type-2 image scores below every normal
+    assert np.isnan(metrics.per_type_image_auroc(np.array([1, 2]), np.array([0.1, 0.2]), 3)).all()
+
+
+def test_worst_failures_are_the_highest_normals_and_lowest_anomalies():
+    labels = np.array([0, 1, 0, 2, 0, 1])
+    scores = np.array([0.3, 0.2, 0.9, 0.95, 0.5, 0.1])
+    positives, negatives = metrics.worst_failures(labels, scores, 2)
+    assert positives.tolist() == [2, 4] and negatives.tolist() == [5, 1]
+    positives, negatives = metrics.worst_failures(labels, scores, 10)
+    assert sorted(positives.tolist()) == [0, 2, 4] and len(negatives) == 3
