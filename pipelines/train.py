@@ -12,6 +12,7 @@ from pathlib import Path
 from discriminator.backbones import normalise_spec
 from discriminator.data import build_training_data
 from discriminator.model import Discriminator, DiscriminatorConfig
+from discriminator.predict import resolve_device
 from discriminator.train import TrainResult, train_discriminator
 from pipelines.config import Params
 from pipelines.hub import resolve_dataset
@@ -40,7 +41,9 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
 
 def run_train(params: Params, dataset: str | Path, manifest_path: str | Path | None, out_dir: str | Path,
               show_progress: bool = True) -> TrainResult:
-    # 1. inputs: the frozen dataset (a folder or a Hub snapshot) with its shots, or the manifest's
+    # 1. inputs: the device first (a CUDA device on a machine without one fails before anything is
+    # loaded), the frozen dataset (a folder or a Hub snapshot) with its shots, or the manifest's
+    resolve_device(params.train.device)
     manifest = Manifest.load(manifest_path) if manifest_path is not None else None
     data = build_training_data(resolve_dataset(dataset), manifest, params.train, params.image_size, params.seed)
     # 2. the model (frozen backbone + trainable head)

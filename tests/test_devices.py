@@ -35,6 +35,16 @@ def test_unknown_device_names_are_refused(resolve, name):
         resolve(name)
 
 
+def test_train_checks_its_device_before_loading_anything(no_cuda, tmp_path):
+    from pipelines.config import load_params
+    from pipelines.train import run_train
+
+    params = load_params(None, {"train.device": "cuda"})
+    with pytest.raises(InputError, match=r"'cuda' asked for, but CUDA is not available"):
+        run_train(params, tmp_path / "no-dataset-here", None, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_cuda_index_past_the_last_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
