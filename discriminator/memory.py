@@ -42,18 +42,19 @@ def patch_features(features: list[Tensor], levels: list[int]) -> Tensor:
 def nearest_distances(queries: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
     """queries (B, D, h, w), bank (S, N, D) -> (B, S, h, w): per shot, L2 distance to the nearest entry.
 
-    |q - b|² = |q|² - 2 q·b + |b|²: one matmul per shot, minimised over the entries before the
-    square root, which is then taken once per query. `torch.cdist` runs the same matmul but takes
-    the root of every pair (most of its time on CPU) and does not export to ONNX. Queries go in
-    chunks only to bound the (queries × entries) matrix; an exported graph takes them whole.
+    |q - b|² = |q|² - 2 q·b + |b|²: one matmul per shot, [q, 1]·[-2b, |b|²], minimised over the
+    entries before the square root, which is then taken once per query. `torch.cdist` runs the same
+    matmul but takes the root of every pair (most of its time on CPU) and does not export to ONNX.
+    Queries go in chunks only to bound the (queries × entries) matrix; an exported graph takes them whole.
     """
     b, d, h, w = queries.shape
     flat = queries.flatten(2).transpose(1, 2).reshape(-1, d)  # (B·h·w, D)
-    parts = [flat] if torch.onnx.is_in_onnx_export() or flat.shape[0] <= chunk else flat.split(chunk)
+    augmented = torch.cat([flat, torch.ones_like(flat[:, :1])], dim=1)
+    parts = [augmented] if torch.onnx.is_in_onnx_export() or flat.shape[0] <= chunk else augmented.split(chunk)
     nearest = []
     for shot in bank:
-        shot_sq = shot.pow(2).sum(dim=1)
-        nearest.append(torch.cat([torch.addmm(shot_sq, part, shot.T, alpha=-2).amin(dim=1) for part in parts]))
+        entries = torch.cat([-2 * shot, shot.pow(2).sum(dim=1, keepdim=True)], dim=1).T  # (D + 1, N)
+        nearest.append(torch.cat([(part @ entries).amin(dim=1) for part in parts]))
     squared = torch.stack(nearest, dim=1) + flat.pow(2).sum(dim=1, keepdim=True)  # (B·h·w, S)
     return squared.clamp_min(0).sqrt().view(b, h, w, -1).permute(0, 3, 1, 2)
 
