@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.ranges import above, at_least, device_name, within
+from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
 
 @dataclass
@@ -38,6 +38,9 @@ class EvaluateConfig:
     batch_size: int = field(default=8, metadata=at_least(1))
     image_top_k: int = field(default=100, metadata=at_least(1))  # image score = mean of the top-k pixel scores
     overlays: int = field(default=16, metadata=at_least(0))  # images in the overlay grid
+    # ablation: score with one part of a two-part detection head (knn_residual) alone; null = all of it
+    detection_part: str | None = field(default=None, metadata={
+        RULE_KEY: Rule("knn or learned", lambda v: v in ("knn", "learned"))})
     device: str = field(default="auto", metadata=device_name())
 
 

@@ -221,11 +221,44 @@ class MemoryDetectionHead(NormalMemoryHead):
         return self.scale * self.distance(features, class_logits) + self.bias
 
 
+class KnnResidualHead(MemoryDetectionHead):
+    """The `knn` head's calibrated distance plus a learned residual that sees the pixel embedding
+    and that distance: the synthetic defects can only add to what the normal shots say.
+
+    The residual's last layer starts at zero, so before training the head is exactly the `knn` head
+    (whose Platt fit is done on that state and then frozen); training moves only the residual and
+    the rest of the discriminator. `parts` (not saved) lets an evaluation score with one part
+    alone, for the ablation of `benchmarks/bench_mtd.py`.
+    """
+
+    PARTS = ("knn", "learned")
+
+    def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
+        super().__init__(config, backbone)
+        self.residual = nn.Sequential(
+            nn.Conv2d(config.width + 1, 32, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(32, 1, 1)
+        )
+        with torch.no_grad():
+            self.residual[-1].weight.zero_()
+            self.residual[-1].bias.zero_()
+        self.parts = self.PARTS
+
+    def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
+        knn = self.scale * self.distance(features, pixel_embeddings) + self.bias
+        learned = self.residual(torch.cat([pixel_embeddings, knn], dim=1))
+        if self.parts == ("knn",):
+            return knn
+        if self.parts == ("learned",):
+            return learned
+        return knn + learned
+
+
 DETECTION_HEADS: dict[str, Callable[["DiscriminatorConfig", Backbone], nn.Module]] = {
     "mean_logit": MeanLogitHead,
     "conv": ConvHead,
     "memory": MemoryFusionHead,
     "knn": MemoryDetectionHead,
+    "knn_residual": KnnResidualHead,
 }
 
 

@@ -67,6 +67,17 @@ def load_checkpoint(model_dir: str | Path, manifest: Manifest, device: torch.dev
     return model
 
 
+def select_detection_part(model: Discriminator, part: str | None, model_dir: str | Path) -> None:
+    """Ablation: make a two-part detection head score with one part alone (None: all parts)."""
+    if part is None:
+        return
+    head = model.detection_head
+    if part not in getattr(head, "PARTS", ()):
+        raise InputError(f"evaluate.detection_part {part!r} needs a knn_residual detection head, "
+                         f"this checkpoint has {model.config.detection_head!r}", model_dir)
+    head.parts = (part,)
+
+
 def overlay_indices(labels: np.ndarray, count: int) -> set[int]:
     """`count` test images spread over the (label-sorted) test set, so every type shows up."""
     order = np.argsort(labels, kind="stable")
@@ -263,6 +274,7 @@ def run_evaluate(params: Params, model_dir: str | Path, manifest_path: str | Pat
     check_test_set(manifest, manifest_path)
     device = resolve_device(params.evaluate.device)
     model = load_checkpoint(model_dir, manifest, device)
+    select_detection_part(model, params.evaluate.detection_part, model_dir)
     predictor = Predictor(model, device=device)
     class_names = manifest.class_names
     num_classes = len(class_names)

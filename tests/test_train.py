@@ -106,6 +106,32 @@ def test_knn_head_scale_and_bias_are_platt_fitted_on_the_holdout_then_frozen(tra
     assert json.loads((root / "model/train_log.json").read_text())["calibration"]["detection_scale"] is None
 
 
+def test_knn_residual_head_starts_as_the_knn_head_and_training_moves_only_its_residual(trained):
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=3)
+    params.train.detection_head = "knn_residual"
+    result = run_train(params, dataset, manifest, root / "knn_residual", show_progress=False)
+    model = Discriminator.from_pretrained(root / "knn_residual")
+    head = model.detection_head
+    assert head.scale.item() == pytest.approx(result.calibration.detection_scale, rel=1e-6)
+    assert head.residual[-1].weight.abs().sum() > 0  # trained away from its zero start
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = model(images).detection_logits
+        head.parts = ("knn",)
+        knn = model(images).detection_logits
+        head.parts = ("learned",)
+        learned = model(images).detection_logits
+    # the two parts add up to the whole map (interpolation is linear)
+    torch.testing.assert_close(whole, knn + learned, rtol=1e-4, atol=1e-4)
+    # the knn part is the knn head's calibrated distance; zeroing the residual's last layer gives it back
+    with torch.no_grad():
+        head.residual[-1].weight.zero_()
+        head.residual[-1].bias.zero_()
+        head.parts = head.PARTS
+        torch.testing.assert_close(model(images).detection_logits, knn)
+
+
 def test_fit_platt_recovers_the_logistic_that_generated_the_labels():
     rng = np.random.default_rng(0)
     scores = rng.uniform(-10, 30, 200_000)
