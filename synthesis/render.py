@@ -43,6 +43,7 @@ from synthesis.priors import WHOLE_IMAGE, PlacementError, PriorLibrary, PriorSpe
 from synthesis.regions import augment_region, cut_regions, place_region
 from synthesis.seeding import derive_seed, numpy_rng
 from synthesis.selection import CandidateScorer, ReferenceSSIMScorer, VisibilityScorer, select_best
+from synthesis.shots import SHOTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +420,7 @@ def _replace_other_job(out_dir: Path, previous: dict | None, state: dict, overwr
             out_dir,
         )
     log.warning("%s: --overwrite: removing the other job's %d shards and its card", out_dir, len(own))
-    for path in [*own, card]:
+    for path in [*own, card, out_dir / SHOTS_FILE]:  # the real shots are rewritten by the new job
         path.unlink(missing_ok=True)
     write_text_atomic(out_dir / STATE_NAME, json.dumps(state, indent=1))
 
