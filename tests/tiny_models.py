@@ -121,6 +121,37 @@ def get_dummy_sdxl_inpaint_pipeline(seed: int = 0):
     return pipe
 
 
+def get_dummy_sd3_inpaint_pipeline(seed: int = 0):
+    """A tiny SD3 inpainting pipeline: a transformer instead of a UNet, no T5 (SD3 then uses zeros)."""
+    from diffusers import (
+        AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3InpaintPipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32], in_channels=3, out_channels=3, norm_num_groups=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=16, layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config(projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=32))
+    pipe = StableDiffusion3InpaintPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=get_dummy_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=get_dummy_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def get_dummy_clip(seed: int = 0, image_size: int = 32):
     """A tiny CLIPModel and its processor (image processor + the dummy tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig

@@ -18,7 +18,9 @@ attention see only the crop (the approximation diffusers' tiled VAE decoding mak
 default, so the default output is the pipeline's own.
 
 Pipelines the loop does not cover (SDXL's extra conditioning, 4-channel UNets, LCM-style guidance
-embeddings) fall back to one pipeline call per strength, all requests and candidates batched.
+embeddings, transformer pipelines without a UNet such as SD3 and Flux) fall back to one pipeline
+call per strength, all requests and candidates batched, with the pipeline's own defaults (no
+negative prompt is sent as None, which SDXL encodes as zeros, not as "").
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ class DiffusionBackend:
         pipeline = load_inpaint_pipeline(cfg)
         tune_for_device(pipeline)
         if cfg.compile:
-            pipeline.unet.compile()
+            denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+            if denoiser is not None:
+                denoiser.compile()
         return cls(
             pipeline, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
             few_shot_strength=cfg.few_shot_strength, candidates=candidates,
@@ -191,13 +195,16 @@ class DiffusionBackend:
 
     @staticmethod
     def _loop_supports(pipeline) -> bool:
+        """SD 1.5/2 inpainting with a 9-channel UNet and no guidance embedding. Anything else,
+        transformer pipelines without a `unet` included (SD3, Flux), takes the pipeline's own call."""
         from diffusers import StableDiffusionInpaintPipeline
 
-        unet = pipeline.unet.config
+        unet = getattr(pipeline, "unet", None)
         return (
             isinstance(pipeline, StableDiffusionInpaintPipeline)
-            and unet.in_channels == 9
-            and unet.time_cond_proj_dim is None
+            and unet is not None
+            and unet.config.in_channels == 9
+            and unet.config.time_cond_proj_dim is None
         )
 
     # ---------------------------------------------------------------- public
@@ -262,9 +269,17 @@ class DiffusionBackend:
         return steps
 
     def _size_multiple(self) -> int:
-        """Image sides must divide by the VAE factor times the UNet's downsampling."""
-        unet_down = 2 ** (len(self.pipeline.unet.config.block_out_channels) - 1)
-        return self.pipeline.vae_scale_factor * unet_down
+        """Image sides must divide by the VAE factor times the UNet's downsampling; for a
+        transformer pipeline (SD3, Flux), by its image processor's factor (Flux's includes its 2x2
+        latent packing) times the transformer's patch size."""
+        pipe = self.pipeline
+        unet = getattr(pipe, "unet", None)
+        if unet is not None:
+            return pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        processor = getattr(pipe, "image_processor", None)
+        factor = getattr(getattr(processor, "config", None), "vae_scale_factor", None) or pipe.vae_scale_factor
+        patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None) or 1
+        return factor * patch
 
     def _by_working_size(self, requests, jobs) -> dict[tuple[int, int], list[int]]:
         m = self._size_multiple()
@@ -291,7 +306,8 @@ class DiffusionBackend:
             images.append(Image.fromarray(_resize(start, size, cv2.INTER_AREA)))
             masks.append(Image.fromarray(_latent_cover(request.mask, size, self.pipeline.vae_scale_factor)))
             prompts.append(request.prompt)
-            negatives.append(request.negative_prompt or "")
+            # None stays None: SDXL (force_zeros_for_empty_prompt) uses zero embeddings for None, not ""
+            negatives.append(request.negative_prompt)
         return used, images, masks, prompts, negatives
 
     # ---------------------------------------------------------------- rendering
@@ -302,11 +318,16 @@ class DiffusionBackend:
         slot = {r: i for i, r in enumerate(used)}
         generators = self._generators(requests, jobs)
         out: list[np.ndarray | None] = [None] * len(jobs)
-        for strength in sorted({j.strength for j in jobs}):
-            group = [p for p, j in enumerate(jobs) if j.strength == strength]
+        # one call per strength, split by whether a negative prompt is set: the pipeline takes
+        # negative_prompt=None (its own default) or a list of strings, not a mix
+        calls: dict[tuple[float, bool], list[int]] = {}
+        for p, job in enumerate(jobs):
+            calls.setdefault((job.strength, negatives[slot[job.request]] is None), []).append(p)
+        for (strength, no_negative), group in sorted(calls.items()):
             pick = [slot[jobs[p].request] for p in group]
             result = self.pipeline(
-                prompt=[prompts[i] for i in pick], negative_prompt=[negatives[i] for i in pick],
+                prompt=[prompts[i] for i in pick],
+                negative_prompt=None if no_negative else [negatives[i] for i in pick],
                 image=[images[i] for i in pick], mask_image=[masks[i] for i in pick],
                 height=size[0], width=size[1], strength=strength, num_inference_steps=self.steps,
                 guidance_scale=self.guidance_scale, generator=[generators[p] for p in group], output_type="np",
@@ -326,8 +347,8 @@ class DiffusionBackend:
         slot = torch.tensor(slots, device=device)
         generators = self._generators(requests, jobs)
 
-        # 1. encode prompts once per request
-        positive, negative = pipe.encode_prompt(prompts, device, 1, cfg, negatives)
+        # 1. encode prompts once per request (SD 1.5/2 encode a missing negative prompt as "")
+        positive, negative = pipe.encode_prompt(prompts, device, 1, cfg, [n or "" for n in negatives])
         # 2. preprocess exactly as the pipeline does, encode each request's image and masked image once
         init = pipe.image_processor.preprocess(images, height=size[0], width=size[1]).to(torch.float32)
         mask_px = pipe.mask_processor.preprocess(masks, height=size[0], width=size[1])
