@@ -30,14 +30,13 @@ import torch
 from discriminator.config import TrainConfig
 from core.errors import InputError
 from core.images import decode_png, read_sample, resize_image, resize_mask
-from core.manifest import Manifest, Sample
+from core.manifest import NORMAL, Manifest, Sample
 
 SHARD_GLOB = "data/train-*.parquet"
 SHOTS_GLOB = "shots/train-*.parquet"  # the dataset's `shots` config: the real shots it was made from
 # The synthesis side names shard i of n `train-{i:05d}-of-{n:05d}.parquet`: the names alone say
 # whether a render finished (read here from the files, so this half never imports synthesis/).
 SHARD_NAME = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
-NORMAL = "normal"
 MAX_SHIFT_FRACTION = 1 / 16  # small shifts keep thin defects inside the frame
 
 
