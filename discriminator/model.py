@@ -64,6 +64,7 @@ class DiscriminatorConfig:
     min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
     seed: int = 0  # initialisation of the trainable parts
     memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
+    prototypes: bool = False  # real anomaly shots' region features as type prototypes; set by build_prototypes
 
     def __post_init__(self) -> None:
         self.validate()
@@ -299,6 +300,12 @@ class Discriminator(nn.Module):
         config.text_dim = type_embeddings.text_dim if isinstance(type_embeddings, TextTypeEmbeddings) else None
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.config = config
+        # frozen mid-level features, as the memory's: general texture, not what synthetic data taught
+        self.prototype_levels = memory_levels(self.backbone.strides)
+        if config.prototypes:
+            dim = sum(self.backbone.channels[i] for i in self.prototype_levels)
+            self.register_buffer("type_prototypes", torch.zeros(num_types, dim))
+            self.register_buffer("prototype_valid", torch.zeros(num_types, dtype=torch.bool))
 
     @staticmethod
     def _build_type_embeddings(config: DiscriminatorConfig, local_files_only: bool) -> TypeEmbeddings:
@@ -326,6 +333,8 @@ class Discriminator(nn.Module):
         pixels = F.normalize(self.embed(fused), dim=1)
         types = F.normalize(self.type_embeddings(), dim=-1)
         class_logits = torch.einsum("bdhw,cd->bchw", pixels, types) / self.temperature
+        if self.config.prototypes:
+            class_logits = class_logits + self.prototype_logits(features, class_logits)
         detection_logits = self.detection_head(fused, class_logits, features)
         size = images.shape[-2:]
         return DiscriminatorOutput(
@@ -353,6 +362,51 @@ class Discriminator(nn.Module):
                     for shot in shots]
         memory.fill(per_shot)
         self.config.memory_shape = list(memory.bank.shape[:2])
+
+    def prototype_logits(self, features: list[Tensor], like: Tensor) -> Tensor:
+        """(B, C, h, w) cosine of each pixel's frozen feature to each type's prototype, over the
+        same temperature as the learned type logits, at the size of `like`. A type without a
+        prototype gets the mean similarity of those with one: no pull either way."""
+        pixels = F.normalize(patch_features(features, self.prototype_levels), dim=1)
+        sims = torch.einsum("bdhw,cd->bchw", pixels, F.normalize(self.type_prototypes, dim=-1))
+        valid = self.prototype_valid.view(1, -1, 1, 1).to(sims.dtype)
+        mean = (sims * valid).sum(dim=1, keepdim=True) / valid.sum().clamp_min(1.0)
+        sims = sims * valid + mean * (1.0 - valid)
+        sims = F.interpolate(sims, size=like.shape[-2:], mode="bilinear", align_corners=False)
+        return (sims / self.temperature).to(like.dtype)
+
+    @torch.no_grad()
+    def build_prototypes(self, shots: list[tuple[Tensor, Tensor]]) -> None:
+        """Each type's prototype = the mean frozen feature over its real anomaly shots' defect
+        regions ((3, H, W) image in [0, 1], (H, W) type map 0 / 1..C). One real example then
+        counts for classification directly, next to the type embeddings learned from synthetic
+        defects. Registers the buffers (saved in the checkpoint) when the config had none; a
+        no-op without shots."""
+        num_types = len(self.config.class_names)
+        sums, counts = None, torch.zeros(num_types)
+        for image, type_map in shots:
+            dtype = next(self.backbone.parameters()).dtype
+            device = next(self.backbone.parameters()).device
+            feats = patch_features(self.backbone(image[None].to(device, dtype)), self.prototype_levels)[0].cpu()
+            sums = torch.zeros(num_types, feats.shape[0]) if sums is None else sums
+            for t in type_map.unique().tolist():
+                if t <= 0:
+                    continue
+                area = F.adaptive_avg_pool2d((type_map == t).float()[None, None], feats.shape[-2:])[0, 0]
+                weights = area / area.sum().clamp_min(1e-6)  # cells weighted by their defect share
+                sums[t - 1] += (feats * weights).sum(dim=(1, 2))
+                counts[t - 1] += 1
+        if sums is None or not counts.any():
+            return
+        prototypes = sums / counts.clamp_min(1)[:, None]
+        device = self.log_temperature.device
+        if not self.config.prototypes:
+            self.register_buffer("type_prototypes", prototypes.to(device))
+            self.register_buffer("prototype_valid", (counts > 0).to(device))
+            self.config.prototypes = True
+        else:
+            self.type_prototypes.copy_(prototypes)
+            self.prototype_valid.copy_(counts > 0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from discriminator import losses
 from discriminator.config import TrainConfig
-from discriminator.data import ImagePool, TrainingData, to_tensors
+from discriminator.data import ANOMALY_POOL, ImagePool, TrainingData, to_tensors
 from discriminator.metrics import best_f1
 from discriminator.model import MemoryDetectionHead
 from discriminator.predict import Predictor, autocast, resolve_device
@@ -251,7 +251,12 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     seconds = time.perf_counter() - started
     model.eval()
 
-    # 5. calibrate the thresholds on held-out synthetic rows + the normal shots; store them in the config
+    # 5. few-shot: each real anomaly shot's defect region becomes its type's prototype (buffers saved
+    #    in the checkpoint), added to the learned type logits; then calibrate the thresholds on
+    #    held-out synthetic rows + the normal shots and store them in the config
+    anomaly_shots = data.dataset.pools.get(ANOMALY_POOL)
+    if config.prototypes and anomaly_shots is not None and len(anomaly_shots):
+        model.build_prototypes([to_tensors(anomaly_shots[i]) for i in range(len(anomaly_shots))])
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold

@@ -258,3 +258,50 @@ def test_runs_on_cuda(tmp_path, model):
     out = cuda_model(images().cuda())
     assert out.class_logits.device.type == "cuda"
     assert torch.allclose(out.class_logits.cpu(), model.eval()(images()).class_logits, atol=1e-3)
+
+
+# --- few-shot type prototypes -----------------------------------------------------------------
+
+def _shot(seed: int, type_id: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random image whose left half is the defect of `type_id`."""
+    type_map = torch.zeros(size, size, dtype=torch.long)
+    type_map[:, : size // 2] = type_id
+    return images(1, size, seed)[0], type_map
+
+
+def test_prototypes_are_the_shots_region_features_and_pull_their_own_type(tmp_path):
+    model = Discriminator(make_config()).eval()
+    shots = [_shot(1, 1), _shot(2, 3)]  # blowhole and fray have a shot, crack has none
+    model.build_prototypes(shots)
+    assert model.config.prototypes and model.prototype_valid.tolist() == [True, False, True]
+    # the prototype is the area-weighted mean feature over the defect region
+    with torch.no_grad():
+        feats = model_patch_features(model, shots[0][0])
+    expected = feats[:, :, : feats.shape[-1] // 2].mean(dim=(1, 2))
+    torch.testing.assert_close(model.type_prototypes[0], expected, rtol=1e-4, atol=1e-5)
+    # each shot's own image: its defect region votes for its own type under the prototype logits
+    with torch.no_grad():
+        for (image, type_map), own in zip(shots, (0, 2)):
+            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64))
+            assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
+            # the type without a prototype sits at the mean of the others: no pull either way
+            torch.testing.assert_close(logits[0, 1], logits[0, [0, 2]].mean(dim=0))
+    # buffers travel in the checkpoint and the loaded model scores alike
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.prototypes and torch.equal(loaded.type_prototypes, model.type_prototypes)
+    assert_same_outputs(model, loaded)
+
+
+def test_without_anomaly_shots_no_prototypes_are_added():
+    model = Discriminator(make_config()).eval()
+    before = model(images()).class_logits
+    model.build_prototypes([(images(1)[0], torch.zeros(64, 64, dtype=torch.long))])
+    assert not model.config.prototypes and not hasattr(model, "type_prototypes")
+    torch.testing.assert_close(model(images()).class_logits, before)
+
+
+def model_patch_features(model: Discriminator, image: torch.Tensor) -> torch.Tensor:
+    from discriminator.memory import patch_features
+
+    return patch_features(model.backbone(image[None]), model.prototype_levels)[0]
