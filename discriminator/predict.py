@@ -64,6 +64,18 @@ def top_k_scores(maps: Tensor, top_k: int) -> Tensor:
     return flat.topk(min(top_k, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
+def channel_argmax(x: Tensor) -> Tensor:
+    """`x.argmax(dim=1)` of a (B, C, H, W) tensor, first index on ties, as C - 1 elementwise passes:
+    torch's reduction over that small, strided dimension took 16 ms per 256 px image on one CPU
+    core (6 % of prediction)."""
+    best, index = x[:, 0], torch.zeros_like(x[:, 0], dtype=torch.long)
+    for c in range(1, x.shape[1]):
+        better = x[:, c] > best
+        index = torch.where(better, c, index)
+        best = torch.where(better, x[:, c], best)
+    return index
+
+
 def type_mass_by_level(maps: Tensor, class_probs: Tensor, levels: int = TYPE_LEVELS) -> Tensor:
     """Class probabilities summed over the pixels of each anomaly-map level (B, levels, C).
 
@@ -118,7 +130,7 @@ class InferenceGraph(nn.Module):
         output = self.model(images)
         maps = torch.sigmoid(output.detection_logits.float())[:, 0]
         probs = torch.softmax(output.class_logits.float(), dim=1)
-        class_ids = (probs.argmax(dim=1) + 1).to(torch.uint8)
+        class_ids = (channel_argmax(probs) + 1).to(torch.uint8)
         mass = type_mass_by_level(maps, probs)
         prediction = decide(maps, class_ids, mass, self.pixel_threshold, self.image_threshold, self.top_k)
         return tuple(getattr(prediction, name) for name in PREDICTION_FIELDS)

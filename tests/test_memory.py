@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from discriminator.memory import NormalMemory, flipped_views, memory_levels, nearest_distances
+from discriminator.memory import NormalMemory, flipped_views, k_center_coreset, memory_levels, nearest_distances
 from discriminator.model import Discriminator, DiscriminatorConfig
 from core.errors import InputError
 
@@ -46,6 +46,23 @@ def test_leave_one_out_ignores_the_shot_an_image_matches_best():
     assert torch.allclose(memory.stats[0], torch.tensor(2.0))
 
 
+def test_k_center_coreset_keeps_one_entry_per_cluster_and_bounds_the_gap():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    entries = (centres[:, None] + torch.randn(4, 25, 2, generator=generator)).reshape(-1, 2)
+    picked = k_center_coreset(entries, 4)
+    # one per cluster, each an actual entry
+    assert sorted(int(i) for i in (picked[:, None] - centres).norm(dim=-1).argmin(dim=1)) == [0, 1, 2, 3]
+    assert all(bool((entries == p).all(dim=1).any()) for p in picked)
+    # a query's nearest distance rises by at most the largest gap of an entry to the coreset
+    gap = torch.cdist(entries, picked).min(dim=1).values.max()
+    queries = torch.randn(50, 2, generator=generator) * 60 + 50
+    full, core = torch.cdist(queries, entries).min(dim=1).values, torch.cdist(queries, picked).min(dim=1).values
+    assert bool((core >= full - 1e-4).all()) and bool((core <= full + gap + 1e-4).all())
+    assert gap < 10  # within a cluster's spread, far below the clusters' distance
+    assert torch.equal(k_center_coreset(entries, 200), entries)  # asked for more: all of them
+
+
 def test_flipped_views_are_the_four_flips():
     image = torch.arange(12.0).view(1, 3, 4).expand(3, 3, 4)
     views = flipped_views(image)
@@ -60,7 +77,7 @@ def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher(head):
     with pytest.raises(RuntimeError, match="build_memory"):
         model(torch.stack(normal))
     model.build_memory(normal)
-    assert model.config.memory_shape == [2, 4 * 8 * 8]  # shots x (flips x stride-8 cells)
+    assert model.config.memory_shape == [2, 8 * 8]  # shots x stride-8 cells: one view's worth, from the 4 flips
     test = normal[0].clone()
     test[:, 16:48, 16:48] = 0.0  # a large black square: unlike anything in the memory
     logits = model(test[None]).detection_logits[0, 0]

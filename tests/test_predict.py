@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from discriminator.model import Discriminator, DiscriminatorConfig, DiscriminatorOutput
-from discriminator.predict import Predictor, top_k_scores
+from discriminator.predict import Predictor, channel_argmax, top_k_scores
 from core.errors import InputError
 from core.images import read_image, write_png
 from pipelines.predict import run_predict
@@ -68,6 +68,13 @@ def test_top_k_scores_is_mean_of_largest():
     maps = torch.tensor([[[0.0, 1.0], [0.5, 0.25]]])
     assert top_k_scores(maps, 2).tolist() == [0.75]
     assert top_k_scores(maps, 100).tolist() == [0.4375]  # k capped at the pixel count
+
+
+def test_channel_argmax_is_torch_argmax_with_first_index_on_ties():
+    x = torch.rand(2, 5, 7, 9, generator=torch.Generator().manual_seed(0))
+    x[:, 3, :2] = x[:, 1, :2] = 2.0  # ties: the first index wins, as in torch
+    assert torch.equal(channel_argmax(x), x.argmax(dim=1))
+    assert channel_argmax(x)[:, :2].eq(1).all()
 
 
 @pytest.fixture()
