@@ -12,10 +12,11 @@ in float32 (OpenVINO's default would halve the weights to fp16).
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,12 +55,19 @@ def export_onnx_file(predictor: Predictor, path: Path) -> None:
     size = predictor.model.config.image_size
     example = torch.rand(2, 3, size, size)  # batch 2: keeps the batch dimension symbolic
     batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(
-            predictor.graph, (example,), str(path), input_names=[INPUT_NAME], output_names=list(PREDICTION_FIELDS),
-            dynamic_shapes={"images": {0: batch}}, opset_version=OPSET, dynamo=True, external_data=False,
-            optimize=True, verbose=False,
-        )
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed" and the like: noise for this graph
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                predictor.graph, (example,), str(path), input_names=[INPUT_NAME],
+                output_names=list(PREDICTION_FIELDS), dynamic_shapes={"images": {0: batch}}, opset_version=OPSET,
+                dynamo=True, external_data=False, optimize=True, verbose=False,
+            )
+    finally:
+        onnx_logger.setLevel(level)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, deploy_metadata(predictor).to_json()
