@@ -1,8 +1,8 @@
 """Prediction speed side by side, in one run on the same images: PyTorch eager, the ONNX and
 OpenVINO exports of the same checkpoint, and the kNN baseline (`bench_knn_baseline.py`).
 
-    python benchmarks/bench_predict.py --model models/discriminator \\
-        [--manifest data/prepared/manifest.json] [--threads 2] [--batch 8] [--repeats 3]
+    python benchmarks/bench_predict.py --model models/demo_surface \\
+        --manifest data/prepared/demo_surface/manifest.json [--threads 2] [--batch 8] [--repeats 3]
 
 The test images are read once (at the model's resolution) and held in memory, so only the models
 are timed. Every predictor gets the same thread count. Rounds are interleaved (each predictor
@@ -55,7 +55,7 @@ def latencies(run: Callable[[torch.Tensor], object], images: torch.Tensor) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--manifest", default="data/prepared/manifest.json", help="its test set is timed")
+    parser.add_argument("--manifest", required=True, help="its test set is timed, e.g. data/prepared/<category>/manifest.json")
     parser.add_argument("--onnx", default=None, help="an existing export (default: exported now)")
     parser.add_argument("--openvino", default=None, help="an existing export folder (default: exported now)")
     parser.add_argument("--threads", type=int, default=2)
