@@ -38,6 +38,8 @@ def test_scores_are_probabilities_of_the_type(clip):
     request, candidates = _candidates()
     probs = scorer.class_probabilities(candidates)
     assert probs.shape == (3, 3)
+    # tolerances: fp32 rounding only (~1e-7 per op); a softmax sums to 1 within a few ulps of its
+    # classes, and the same probabilities computed again differ at most in the last bits
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     scores = scorer.score(request, candidates)
     np.testing.assert_allclose(scores, probs[:, 0], rtol=1e-6)
@@ -62,6 +64,8 @@ def test_score_is_softmax_of_logit_scaled_cosine(clip):
             class_embeds.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
         cos = torch.nn.functional.normalize(image, dim=-1) @ torch.stack(class_embeds).T
         expected = (model.logit_scale.exp() * cos).softmax(-1)[0, 0].item()
+    # rel 1e-5: the same fp32 maths in another batch and reduction order (rounding, ~1e-7 per op over
+    # a few dozen ops); a wrong prompt, normalisation or logit scale moves the score by far more
     assert scorer.score(request, candidates)[0] == pytest.approx(expected, rel=1e-5)
 
 
@@ -115,6 +119,7 @@ def test_loads_from_a_saved_directory(clip, tmp_path):
     processor.save_pretrained(tmp_path / "clip")
     loaded = ClipRegionScorer(str(tmp_path / "clip"), PROMPTS, "tile")
     request, candidates = _candidates()
+    # rel 1e-5: the same weights bit for bit, in other memory, may round differently in the last bits
     np.testing.assert_allclose(
         loaded.score(request, candidates), ClipRegionScorer(clip, PROMPTS, "tile").score(request, candidates), rtol=1e-5
     )
