@@ -34,7 +34,8 @@ def resolve_dataset(spec: str | Path) -> Path:
             raise InputError("the frozen dataset must be a folder (Parquet shards + README.md)", path)
         return path
     hub = parse_hub_id(str(spec))
-    if hub is None:
+    # `data/synthetic` could be a Hub id too; when its first folder exists here, it means a local path
+    if hub is None or Path(str(spec).split("/")[0]).is_dir():
         raise InputError("frozen dataset folder not found; run `uniadc synthesize` first", path)
     repo_id, revision = hub
     import huggingface_hub  # network-facing: imported only when a Hub id is given

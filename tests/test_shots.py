@@ -173,6 +173,10 @@ def test_hub_errors_and_missing_folders_are_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="frozen dataset folder not found"):
         resolve_dataset(tmp_path / "nowhere")  # an absolute path is never taken for a Hub id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="frozen dataset folder not found"):
+        resolve_dataset("data/synthetic")  # its first folder exists here: a local path, not a Hub id
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="must be a folder"):
         resolve_dataset(tmp_path / "file")
