@@ -27,7 +27,8 @@ class TrainConfig:
     real_anomaly_fraction: float = field(default=0.125, metadata=within(0, 1))
     # synthetic rows kept out of training to calibrate the pixel threshold
     holdout_fraction: float = field(default=0.1, metadata=within(0, 1, open_hi=True))
-    # few-shot: real anomaly shots' region features as type prototypes next to the learned type embeddings
+    # type prototypes next to the learned type embeddings: defect-region features of the real anomaly
+    # shots (few-shot), else of the synthetic training rows (zero-shot)
     prototypes: bool = True
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'

@@ -64,7 +64,7 @@ class DiscriminatorConfig:
     min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
     seed: int = 0  # initialisation of the trainable parts
     memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
-    prototypes: bool = False  # real anomaly shots' region features as type prototypes; set by build_prototypes
+    prototypes: bool = False  # defect-region features as type prototypes; set by build_prototypes
 
     def __post_init__(self) -> None:
         self.validate()
@@ -377,10 +377,10 @@ class Discriminator(nn.Module):
 
     @torch.no_grad()
     def build_prototypes(self, shots: list[tuple[Tensor, Tensor]]) -> None:
-        """Each type's prototype = the mean frozen feature over its real anomaly shots' defect
-        regions ((3, H, W) image in [0, 1], (H, W) type map 0 / 1..C). One real example then
-        counts for classification directly, next to the type embeddings learned from synthetic
-        defects. Registers the buffers (saved in the checkpoint) when the config had none; a
+        """Each type's prototype = the mean frozen feature over its examples' defect regions
+        ((3, H, W) image in [0, 1], (H, W) type map 0 / 1..C): the real anomaly shots (one real
+        example then counts for classification directly, next to the type embeddings learned
+        from synthetic defects) or, zero-shot, the synthetic training rows. Registers the buffers (saved in the checkpoint) when the config had none; a
         no-op without shots."""
         num_types = len(self.config.class_names)
         sums, counts = None, torch.zeros(num_types)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from discriminator import losses
 from discriminator.config import TrainConfig
-from discriminator.data import ANOMALY_POOL, ImagePool, TrainingData, to_tensors
+from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, to_tensors
 from discriminator.metrics import best_f1
 from discriminator.model import MemoryDetectionHead
 from discriminator.predict import Predictor, autocast, resolve_device
@@ -208,6 +208,16 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     return calibration
 
 
+def prototype_sources(data: TrainingData) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, type map) pairs the type prototypes are built from: the real anomaly shots when
+    there are any, else the synthetic training rows (never the held-out ones)."""
+    pools = data.dataset.pools
+    pool = pools.get(ANOMALY_POOL)
+    if pool is None or len(pool) == 0:
+        pool = pools.get(SYNTHETIC_POOL)
+    return [] if pool is None else [to_tensors(pool[i]) for i in range(len(pool))]
+
+
 def train_discriminator(model: torch.nn.Module, data: TrainingData, config: TrainConfig,
                         out_dir: str | Path, show_progress: bool = True) -> TrainResult:
     """Train `model` on `data` for `config.steps` steps, calibrate, save to `out_dir`."""
@@ -251,12 +261,12 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     seconds = time.perf_counter() - started
     model.eval()
 
-    # 5. few-shot: each real anomaly shot's defect region becomes its type's prototype (buffers saved
-    #    in the checkpoint), added to the learned type logits; then calibrate the thresholds on
-    #    held-out synthetic rows + the normal shots and store them in the config
-    anomaly_shots = data.dataset.pools.get(ANOMALY_POOL)
-    if config.prototypes and anomaly_shots is not None and len(anomaly_shots):
-        model.build_prototypes([to_tensors(anomaly_shots[i]) for i in range(len(anomaly_shots))])
+    # 5. type prototypes (buffers saved in the checkpoint), added to the learned type logits: each
+    #    type's mean defect-region feature over the real anomaly shots (few-shot), else over the
+    #    synthetic training rows (zero-shot); then calibrate the thresholds on held-out synthetic
+    #    rows + the normal shots and store them in the config
+    if config.prototypes:
+        model.build_prototypes(prototype_sources(data))
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold

@@ -182,3 +182,22 @@ def test_poly_schedule_decays_to_zero():
         optimizer.step()
         scheduler.step()
     assert rates[0] == 1.0 and rates[5] == pytest.approx(0.5) and optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows():
+    from types import SimpleNamespace
+
+    from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, LabelledImage, ShotPool
+    from discriminator.train import prototype_sources
+
+    def pool(value: int, n: int) -> ShotPool:
+        return ShotPool.from_items([LabelledImage(np.full((4, 4, 3), value, np.uint8), np.ones((4, 4), np.int64))
+                                    for _ in range(n)])
+
+    real, synthetic = pool(200, 2), pool(100, 3)
+    few_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: real, SYNTHETIC_POOL: synthetic}))
+    zero_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: pool(0, 0), SYNTHETIC_POOL: synthetic}))
+    sources = prototype_sources(few_shot)
+    assert len(sources) == 2 and all(image.max() == pytest.approx(200 / 255) for image, _ in sources)
+    sources = prototype_sources(zero_shot)
+    assert len(sources) == 3 and all(image.max() == pytest.approx(100 / 255) for image, _ in sources)
