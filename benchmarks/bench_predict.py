@@ -32,7 +32,7 @@ from bench_knn_baseline import KnnBaseline  # noqa: E402
 from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from discriminator.deploy.export import export_model  # noqa: E402
-from discriminator.deploy.inferencers import load_inferencer  # noqa: E402
+from discriminator.deploy.inferencers import OpenVINOInferencer, load_inferencer  # noqa: E402
 from discriminator.predict import images_to_tensor  # noqa: E402
 
 
@@ -79,6 +79,7 @@ def main() -> None:
         "PyTorch eager": load_inferencer(args.model, device="cpu"),
         "ONNX Runtime": load_inferencer(onnx_path, threads=args.threads),
         "OpenVINO": load_inferencer(openvino_path, threads=args.threads),
+        "OpenVINO bf16 (opt-in)": OpenVINOInferencer(openvino_path, threads=args.threads, precision="bf16"),
     }
     size = predictors["PyTorch eager"].image_size
     predictors["kNN baseline"] = KnnBaseline([read_sample(s, size)[0] for s in manifest.normal_shots],
@@ -90,7 +91,7 @@ def main() -> None:
     differences = {}
     for name, run in predictors.items():  # warm-up, and the agreement check
         out = run(images[: args.batch])
-        if name in ("ONNX Runtime", "OpenVINO"):
+        if name != "PyTorch eager" and name != "kNN baseline":
             differences[name] = float((out.anomaly_maps - reference).abs().max())
     rounds: dict[str, list[float]] = {name: [] for name in predictors}
     lats: dict[str, list[float]] = {name: [] for name in predictors}

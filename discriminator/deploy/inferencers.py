@@ -87,11 +87,13 @@ class OnnxInferencer(Inferencer):
 
 
 class OpenVINOInferencer(Inferencer):
-    """An exported OpenVINO folder (or its model.xml) run by OpenVINO on the CPU, in float32."""
+    """An exported OpenVINO folder (or its model.xml) run by OpenVINO on the CPU, in float32 unless
+    `precision="bf16"` (opt-in: ~1.4x faster on CPUs with bf16 units, maps within ~0.02 of float32,
+    so an image whose score is that close to the threshold may flip)."""
 
     kind = "openvino"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32"):
         import openvino as ov
 
         path = Path(path)
@@ -101,7 +103,9 @@ class OpenVINOInferencer(Inferencer):
             raise InputError(f"not a uniadc OpenVINO export ({xml.name} or {METADATA_NAME} missing)", path)
         self.metadata = DeployMetadata.from_json(sidecar.read_text(), sidecar)
         # f32: on CPUs with bf16 units OpenVINO would otherwise pick bf16 and drift from PyTorch
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if precision not in ("f32", "bf16"):
+            raise InputError(f"OpenVINO precision must be f32 or bf16, got {precision!r}", path)
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
