@@ -2,8 +2,10 @@
 
 Reads `<reports>/<category>/metrics.json` (written by `uniadc evaluate`) for every category and
 writes under `out_dir`:
-- `metrics.json` (DVC metrics, numbers only): `mean` (the mean over categories of each metric,
-  over the categories where it is defined) and `categories.<name>` (that category's numbers);
+- `metrics.json` (DVC metrics, numbers only): the mean over categories of each headline metric,
+  over the categories where it is defined, under the same keys as a category's own metrics.json.
+  The per-category numbers are already DVC metrics in their own files; repeating them here made
+  `dvc metrics show` one column per category and metric (hundreds of columns for MVTec AD);
 - `summary.md`: a Markdown table like the paper's, one row per category and a mean row, in %.
 """
 
@@ -22,6 +24,7 @@ COLUMNS = [
     ("pixel_auroc", "P-AUROC"),
     ("aupro", "PRO"),
     ("type_accuracy", "Acc"),
+    ("balanced_accuracy", "bAcc"),
     ("pixel_miou", "mIoU"),
 ]
 MEAN_KEYS = [key for key, _ in COLUMNS] + ["image_f1_max", "pixel_f1_max"]
@@ -78,7 +81,7 @@ def markdown_table(per_category: dict[str, dict[str, float]], mean: dict[str, fl
 
 
 def run_aggregate(reports_dir: str | Path, categories: list[str], out_dir: str | Path) -> dict:
-    """Write `metrics.json` and `summary.md` under `out_dir`; returns the metrics written."""
+    """Write `metrics.json` (the mean) and `summary.md` under `out_dir`; returns both levels."""
     per_category = read_category_metrics(reports_dir, categories)
     mean = mean_metrics(per_category)
     result = {"mean": mean, "categories": per_category}
@@ -86,12 +89,13 @@ def run_aggregate(reports_dir: str | Path, categories: list[str], out_dir: str |
     text = "\n".join([
         f"# Results over {len(per_category)} categories",
         "",
-        "Image AUROC, pixel AUROC, AUPRO@0.3, image-type accuracy (C+1) and pixel mIoU (C+1), in %, "
+        "Image AUROC, pixel AUROC, AUPRO@0.3, image-type accuracy (C+1), balanced accuracy (mean "
+        "recall over the C+1 classes) and pixel mIoU (C+1), in %, "
         "under each checkpoint's calibrated thresholds (`uniadc evaluate`); the mean is over categories.",
         "",
         markdown_table(per_category, mean),
         "",
     ])
     write_text_atomic(out_dir / "summary.md", text)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(mean, indent=1) + "\n")
     return result
