@@ -167,13 +167,35 @@ def train(params_path: str, overrides: tuple[str, ...], dataset_dir: str, manife
 @click.option("--model", "model_dir", default="models/discriminator", show_default=True,
               type=click.Path(file_okay=False))
 @MANIFEST_OPTION
+@click.option("--source", default=None, type=click.Path(file_okay=False),
+              help="Instead of --manifest: the source data folder; the test set is picked from it with "
+                   "params `data:` (layout, types, shot counts: the frozen dataset's card records them), "
+                   "and the manifest used is written to OUT/manifest.json.")
+@click.option("--category", default=None, help="With --source: the category (overrides data.category).")
 @click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Folder for metrics.json, plots/ and the figures.")
-def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manifest_path: str, out: str) -> None:
+def evaluate(params_path: str, overrides: tuple[str, ...], model_dir: str, manifest_path: str,
+             source: str | None, category: str | None, out: str) -> None:
     """Score the manifest's real test set: metrics, curves, confusion matrix, overlays."""
+    from click.core import ParameterSource
+
     from pipelines.evaluate import run_evaluate
 
-    metrics = run_evaluate(_params(params_path, overrides), model_dir, manifest_path, out)
+    params = _params(params_path, overrides)
+    if source is not None:
+        if click.get_current_context().get_parameter_source("manifest_path") == ParameterSource.COMMANDLINE:
+            raise InputError("give either --manifest or --source, not both")
+        from pipelines.prepare import prepare_manifest
+
+        d = params.data
+        manifest = prepare_manifest(source, layout=d.layout, category=category or d.category,
+                                    anomaly_types=d.anomaly_types, k_normal=d.k_normal, k_anomaly=d.k_anomaly)
+        manifest_path = str(Path(out) / "manifest.json")
+        manifest.save(manifest_path)
+        click.echo(f"{manifest_path}: test set of {source} ({len(manifest.test)} images, "
+                   f"{len(manifest.normal_shots)} normal + {len(manifest.anomaly_shots)} anomalous shots left out)")
+        _report_excluded(manifest)
+    metrics = run_evaluate(params, model_dir, manifest_path, out)
     names = ["image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou"]
     summary = ", ".join(  # an undefined metric is null in metrics.json
         f"{name} {'n/a' if metrics[name] is None else f'{100 * metrics[name]:.1f}'}" for name in names

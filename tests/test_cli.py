@@ -69,3 +69,39 @@ def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, args, m
     assert code == 2, stderr
     assert stderr.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()
+
+
+def test_evaluate_from_a_source_folder_builds_the_test_set_as_prepare_does(tmp_path, monkeypatch, capsys):
+    """`evaluate --source DIR` (no manifest at hand, e.g. after training from a Hub dataset) picks
+    the same test set as `prepare` with the same params, and records it beside the report."""
+    import json
+
+    import pipelines.evaluate
+    from pipelines.prepare import prepare_manifest
+    from tests.helpers.data import make_mvtec
+
+    source = make_mvtec(tmp_path / "mvtec", "widget")
+    (tmp_path / "params.yaml").write_text("data:\n  layout: mvtec\n  k_normal: 2\n")
+    seen = {}
+
+    def fake_run_evaluate(params, model_dir, manifest_path, out):
+        seen["manifest"] = json.loads(open(manifest_path).read())
+        return {name: 0.5 for name in ("image_auroc", "pixel_auroc", "aupro", "type_accuracy", "pixel_miou")} | {
+            "test_images": len(seen["manifest"]["test"])}
+
+    monkeypatch.setattr(pipelines.evaluate, "run_evaluate", fake_run_evaluate)
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["evaluate", "--model", "m", "--source", str(source), "--out", "rep"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    expected = prepare_manifest(source, layout="mvtec", k_normal=2)
+    assert [s["path"] for s in seen["manifest"]["test"]] == [str(s.path) for s in expected.test]
+    assert (tmp_path / "rep/manifest.json").is_file() and "test set of" in out
+
+    code, err, _ = run_main(["evaluate", "--model", "m", "--source", str(source), "--manifest", "x.json"],
+                            tmp_path, monkeypatch, capsys)
+    assert code == 2 and "either --manifest or --source" in err
