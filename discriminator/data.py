@@ -14,7 +14,6 @@ the number of data-loader workers. A slice of the synthetic rows, chosen by hash
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,10 @@ from discriminator.config import TrainConfig
 from core.errors import InputError
 from core.images import decode_png, read_sample, resize_image, resize_mask
 from core.manifest import NORMAL, Manifest, Sample
+from core.shards import SHARD_PATTERN, shard_name
 
 SHARD_GLOB = "data/train-*.parquet"
 SHOTS_GLOB = "shots/train-*.parquet"  # the dataset's `shots` config: the real shots it was made from
-# The synthesis side names shard i of n `train-{i:05d}-of-{n:05d}.parquet`: the names alone say
-# whether a render finished (read here from the files, so this half never imports synthesis/).
-SHARD_NAME = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 MAX_SHIFT_FRACTION = 1 / 16  # small shifts keep thin defects inside the frame
 
 
@@ -70,14 +67,14 @@ def check_shards_complete(root: Path, shards: Sequence[Path]) -> None:
     shards): training on it would silently use part of the data."""
     found: dict[int, set[int]] = {}
     for path in shards:
-        match = SHARD_NAME.match(path.name)
+        match = SHARD_PATTERN.match(path.name)
         if match is None:
             raise InputError("not a shard name of the frozen dataset (train-XXXXX-of-YYYYY.parquet)", path)
         found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
     if len(found) > 1:
         raise InputError(f"shards of different renders are mixed (of {', '.join(map(str, sorted(found)))})", root / "data")
     total, present = found.popitem()
-    missing = [f"train-{i:05d}-of-{total:05d}.parquet" for i in range(total) if i not in present]
+    missing = [shard_name(i, total) for i in range(total) if i not in present]
     if missing:
         raise InputError(
             f"rendering did not finish: {len(missing)} of {total} shards missing ({', '.join(missing[:3])}"

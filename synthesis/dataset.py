@@ -9,7 +9,6 @@ writes them) and the YAML of the dataset card, so `datasets.load_dataset(<dir>)`
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from core.atomic import atomic_path
 from core.errors import InputError
+from core.shards import SHARD_PATTERN, shard_name
 from core.images import encode_png
 from core.manifest import write_text_atomic
 from synthesis.hub import check_repo_id, check_write_access, hub_step, resolve_token
@@ -30,7 +30,6 @@ from synthesis.shots import SHOTS_CONFIG, SHOTS_DIR, shot_features
 
 DATA_DIR = "data"
 CARD_NAME = "README.md"
-SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 # Parquet schema metadata key of the renderer's notes on a shard (placement fallbacks per task id),
 # beside `datasets`' own `huggingface` key: they travel with the shard, so a resumed or multi-process
 # render still counts every fallback.
@@ -101,10 +100,6 @@ def dataset_features(class_names: Sequence[str]) -> datasets.Features:
             "task_id": datasets.Value("string"),
         }
     )
-
-
-def shard_name(index: int, total: int) -> str:
-    return f"train-{index:05d}-of-{total:05d}.parquet"
 
 
 def shard_path(out_dir: str | Path, index: int, total: int) -> Path:
