@@ -7,12 +7,11 @@ cached snapshot or says that there is none. Only the card and the Parquet files 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from core.errors import InputError
+from core.hub_ids import first_line, repo_id_problem
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATASET_FILES = ["README.md", "data/*.parquet", "shots/*.parquet"]
 
 
@@ -21,7 +20,7 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     if spec.startswith((".", "/", "~")) or "\\" in spec:
         return None
     repo, sep, revision = spec.partition("@")
-    if not HUB_ID.match(repo) or (sep and not revision):
+    if "/" not in repo or repo_id_problem(repo) is not None or (sep and not revision):
         return None
     return repo, revision or None
 
@@ -45,11 +44,10 @@ def resolve_dataset(spec: str | Path) -> Path:
             repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=DATASET_FILES
         )
     except (OSError, ValueError) as exc:  # hub errors are OSErrors; a malformed id a ValueError
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"no such folder, and the Hub dataset {repo_id!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f" could not be fetched ({type(exc).__name__}: {reason}); offline, it must be in the HF cache",
+            + f" could not be fetched ({type(exc).__name__}: {first_line(exc)}); offline, it must be in the HF cache",
             path,
         ) from None
     return Path(local)

@@ -25,7 +25,8 @@ from core.errors import InputError
 from core.shards import SHARD_PATTERN, shard_name
 from core.images import encode_png
 from core.manifest import write_text_atomic
-from synthesis.hub import check_repo_id, check_write_access, hub_step, resolve_token
+from core.hub_ids import check_repo_id
+from synthesis.hub import check_write_access, hub_step, resolve_token
 from synthesis.shots import SHOTS_CONFIG, SHOTS_DIR, shot_features
 
 DATA_DIR = "data"

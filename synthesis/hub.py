@@ -14,18 +14,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from core.errors import InputError
+from core.hub_ids import first_line
 
 T = TypeVar("T")
-
-
-def check_repo_id(repo_id: str) -> None:
-    """`name` or `namespace/name` as the Hub accepts it (its own validator, no network)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise InputError(f"invalid Hub repo id {repo_id!r}: {_first_line(exc)}") from None
 
 
 def resolve_token(token: str | None) -> str:
@@ -73,12 +64,12 @@ def hub_step(what: str, call: Callable[..., T], *args, **kwargs) -> T:
         elif status == 403:
             problem = "the token may not do this (403 Forbidden); use a token with write access"
         else:
-            problem = f"the Hub answered {status or 'an error'}: {_first_line(exc)}"
+            problem = f"the Hub answered {status or 'an error'}: {first_line(exc)}"
         raise InputError(f"cannot {what}: {problem}") from None
     except _transport_errors() as exc:
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise InputError(
-            f"cannot {what}: the Hub at {endpoint} is unreachable ({type(exc).__name__}: {_first_line(exc)}); "
+            f"cannot {what}: the Hub at {endpoint} is unreachable ({type(exc).__name__}: {first_line(exc)}); "
             "check the network"
         ) from None
 
@@ -90,8 +81,3 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
     client = tuple(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
     return (OSError, *client)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
