@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discriminator.backbones import build_backbone  # noqa: E402
-from discriminator.memory import FLIPS, memory_levels, nearest_distances, patch_features  # noqa: E402
+from discriminator.memory import FLIPS, LEGACY_MEMORY_STRIDES, memory_levels, nearest_distances, patch_features  # noqa: E402
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
 from discriminator.predict import images_to_tensor  # noqa: E402
 from core.images import read_sample  # noqa: E402
@@ -38,7 +38,7 @@ class KnnBaseline:
 
     def __init__(self, shots: list[np.ndarray], flips: bool = False, sigma: float = 4.0):
         self.backbone = build_backbone("efficientnet_lite0")
-        self.levels = memory_levels(self.backbone.strides)
+        self.levels = memory_levels(self.backbone.strides, LEGACY_MEMORY_STRIDES)  # the data README's baseline
         self.sigma = sigma
         images = images_to_tensor(shots)
         views = [images.flip(d) if d else images for d in (FLIPS if flips else ((),))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from discriminator.memory import MEMORY_STRIDES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
 
@@ -14,6 +15,8 @@ class TrainConfig:
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
     width: int = field(default=128, metadata=at_least(1))
+    # backbone strides the normal-shot memory and the type prototypes read (`discriminator.memory`)
+    memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES), metadata=at_least(1))
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
     detection_head: str = "knn"

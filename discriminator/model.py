@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
-from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features
+from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_STRIDES, NormalMemory, flipped_views, memory_levels,
+                                  patch_features)
 from core.atomic import atomic_path
 from core.errors import InputError
 from core.manifest import write_text_atomic
@@ -64,6 +65,8 @@ class DiscriminatorConfig:
     min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
     seed: int = 0  # initialisation of the trainable parts
     memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
+    # backbone strides read by the memory and the type prototypes (`discriminator.memory.memory_levels`)
+    memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES))
     prototypes: bool = False  # defect-region features as type prototypes; set by build_prototypes
 
     def __post_init__(self) -> None:
@@ -86,6 +89,10 @@ class DiscriminatorConfig:
             raise InputError(
                 f"need 0 < min_temperature <= temperature, got {self.min_temperature}, {self.temperature}", path
             )
+        strides = self.memory_strides
+        if not isinstance(strides, list) or not strides or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides):
+            raise InputError(f"memory_strides must be a non-empty list of positive integers, got {strides!r}", path)
         for name in ("pixel_threshold", "image_threshold"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", path)
@@ -97,6 +104,8 @@ class DiscriminatorConfig:
     @classmethod
     def from_dict(cls, data: dict, path: str | Path | None = None) -> "DiscriminatorConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(data, dict) and "memory_strides" not in data:  # saved before the strides were recorded
+            data = {**data, "memory_strides": list(LEGACY_MEMORY_STRIDES)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"unknown discriminator config keys {unknown}", path)
@@ -171,7 +180,7 @@ class NormalMemoryHead(nn.Module):
 
     def __init__(self, config: "DiscriminatorConfig", backbone: Backbone):
         super().__init__()
-        levels = memory_levels(backbone.strides)
+        levels = memory_levels(backbone.strides, config.memory_strides)
         dim = sum(backbone.channels[i] for i in levels)
         shots, entries = config.memory_shape or (0, 0)
         self.memory = NormalMemory(shots, entries, dim, levels)
@@ -301,7 +310,7 @@ class Discriminator(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.config = config
         # frozen mid-level features, as the memory's: general texture, not what synthetic data taught
-        self.prototype_levels = memory_levels(self.backbone.strides)
+        self.prototype_levels = memory_levels(self.backbone.strides, config.memory_strides)
         if config.prototypes:
             dim = sum(self.backbone.channels[i] for i in self.prototype_levels)
             self.register_buffer("type_prototypes", torch.zeros(num_types, dim))

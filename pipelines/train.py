@@ -30,6 +30,7 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
         class_names=list(class_names),
         backbone=backbone,
         width=train.width,
+        memory_strides=list(train.memory_strides),
         detection_head=train.detection_head,
         text_encoder=train.text_encoder,
         image_size=params.image_size,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -23,8 +25,9 @@ def shots(count: int = 2, size: int = 64) -> list[torch.Tensor]:
     return [torch.rand(3, size, size, generator=generator) for _ in range(count)]
 
 
-def test_memory_levels_pick_strides_8_and_16_or_everything():
-    assert memory_levels([4, 8, 16, 32]) == [1, 2]
+def test_memory_levels_pick_the_wanted_strides_or_everything():
+    assert memory_levels([4, 8, 16, 32]) == [1, 2, 3]  # default: strides 8, 16, 32
+    assert memory_levels([4, 8, 16, 32], (8, 16)) == [1, 2]
     assert memory_levels([14, 14, 14]) == [0, 1, 2]
 
 
@@ -93,6 +96,28 @@ def test_memory_head_round_trips_through_a_checkpoint(tmp_path, head):
     assert loaded.config.memory_shape == model.config.memory_shape
     batch = torch.stack(shots(size=64))
     torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
+
+
+def test_checkpoint_without_recorded_strides_loads_with_the_legacy_ones(tmp_path):
+    """Checkpoints saved before `memory_strides` existed used strides 8 and 16: they must load with
+    those (the bank's width says so) and score exactly as saved, not with today's default."""
+    model = make_model(detection_head="knn", memory_strides=[8, 16]).eval()
+    model.build_memory(shots())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["memory_strides"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = Discriminator.from_pretrained(tmp_path)
+    assert loaded.config.memory_strides == [8, 16] and loaded.memory.levels == [1, 2]
+    batch = torch.stack(shots(size=64))
+    torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
+    assert make_model(detection_head="knn").memory.levels == [1, 2, 3]  # today's default adds stride 32
+
+
+@pytest.mark.parametrize("bad", [[], [0], ["8"], 8])
+def test_bad_memory_strides_are_an_input_error(bad):
+    with pytest.raises(InputError, match="memory_strides"):
+        make_model(memory_strides=bad)
 
 
 def test_memory_head_without_shots_is_an_input_error():
