@@ -1,0 +1,87 @@
+"""Which backbone and which feature strides should the normal-shot memory read? kNN detection alone.
+
+    python benchmarks/bench_memory_levels.py --manifest work/bench_mtd/zero-shot/prepared/manifest_dev.json \\
+        [--backbones efficientnet_lite0 efficientnet_lite2] [--strides 8,16 8,16,32 ...]
+
+For each backbone and each set of strides, the memory is built exactly as the `knn` detection head
+builds it (`Discriminator.build_memory`: the shots and their flips, one view's worth of entries
+per shot by k-centre coreset, distances standardised on the shots leave-one-out) and the test
+images are scored by that distance alone: no training, no synthetic data. Prints image and pixel
+AUROC (image score: mean of the top-100 pixels, as the head's) and the backbone's images/s.
+Choose on the development part (`bench_mtd.py` writes manifest_dev.json), report on the full set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.images import read_sample  # noqa: E402
+from core.manifest import Manifest  # noqa: E402
+from discriminator.backbones import build_backbone  # noqa: E402
+from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features  # noqa: E402
+from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
+from discriminator.predict import images_to_tensor, top_k_scores  # noqa: E402
+
+DEFAULT_STRIDES = ["8,16", "8,16,32", "16,32", "4,8,16", "16"]
+
+
+def knn_maps(memory: NormalMemory, features: list[torch.Tensor], size: int, batch: int) -> torch.Tensor:
+    """(N, size, size) standardised distance maps of precomputed backbone levels."""
+    maps = []
+    for i in range(0, len(features[0]), batch):
+        distance = memory([f[i : i + batch] for f in features])
+        maps.append(F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)[:, 0])
+    return torch.cat(maps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1",
+                                                          "efficientnet_lite2"])
+    parser.add_argument("--strides", nargs="+", default=DEFAULT_STRIDES, help="comma-separated stride sets")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    manifest = Manifest.load(args.manifest)
+    samples = [read_sample(s, args.size) for s in manifest.test]
+    images = images_to_tensor([image for image, _ in samples])
+    masks = np.stack([mask for _, mask in samples]) > 0
+    labels = np.array([s.label for s in manifest.test]) > 0
+    shots = [images_to_tensor([read_sample(s, args.size)[0]])[0] for s in manifest.normal_shots]
+    print(f"{len(images)} test images of {args.manifest}, {len(shots)} normal shots, {args.size} px; "
+          f"kNN distance alone (the knn head's memory), metrics in %")
+    print("| backbone | strides | I-AUROC | P-AUROC | backbone images/s |")
+    print("|---|---|---|---|---|")
+    for name in args.backbones:
+        backbone = build_backbone(name)
+        started = time.perf_counter()
+        batches = [backbone(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+        speed = len(images) / (time.perf_counter() - started)
+        features = [torch.cat([b[level] for b in batches]) for level in range(len(backbone.strides))]
+        shot_features = [backbone(flipped_views(shot)) for shot in shots]
+        for spec in args.strides:
+            strides = [int(s) for s in spec.split(",")]
+            levels = memory_levels(backbone.strides, strides)
+            memory = NormalMemory(0, 0, 1, levels)
+            memory.fill([patch_features(f, levels) for f in shot_features])
+            maps = knn_maps(memory, features, args.size, args.batch)
+            image = auroc(labels, top_k_scores(maps, args.top_k).numpy())
+            pixel = pixel_auroc(masks, maps.numpy())
+            print(f"| {name} | {spec} | {100 * image:.1f} | {100 * pixel:.1f} | {speed:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
