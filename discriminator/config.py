@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from discriminator.memory import MEMORY_STRIDES
+from discriminator.memory import MEMORY_FRACTION, MEMORY_STRIDES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
 
@@ -17,6 +17,8 @@ class TrainConfig:
     width: int = field(default=128, metadata=at_least(1))
     # backbone strides the normal-shot memory and the type prototypes read (`discriminator.memory`)
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES), metadata=at_least(1))
+    # memory entries per shot as a fraction of one view's cells: the kNN search's cost is linear in it
+    memory_fraction: float = field(default=MEMORY_FRACTION, metadata=within(0, 4, open_lo=True))
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
     detection_head: str = "knn"

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
-from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_STRIDES, NormalMemory, flipped_views, memory_levels,
-                                  patch_features)
+from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, flipped_views,
+                                  memory_levels, patch_features)
 from core.atomic import atomic_path
 from core.errors import InputError
 from core.manifest import write_text_atomic
@@ -67,6 +67,8 @@ class DiscriminatorConfig:
     memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
     # backbone strides read by the memory and the type prototypes (`discriminator.memory.memory_levels`)
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES))
+    # entries kept per shot, as a fraction of one view's cells (k-centre coreset of the shot's flips)
+    memory_fraction: float = MEMORY_FRACTION
     prototypes: bool = False  # defect-region features as type prototypes; set by build_prototypes
 
     def __post_init__(self) -> None:
@@ -93,6 +95,9 @@ class DiscriminatorConfig:
         if not isinstance(strides, list) or not strides or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides):
             raise InputError(f"memory_strides must be a non-empty list of positive integers, got {strides!r}", path)
+        if not 0.0 < float(self.memory_fraction) <= 4.0:
+            raise InputError(f"memory_fraction must be in (0, 4] (4 = every cell of the 4 flips), "
+                             f"got {self.memory_fraction}", path)
         for name in ("pixel_threshold", "image_threshold"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", path)
@@ -369,7 +374,7 @@ class Discriminator(nn.Module):
         device, dtype = memory.bank.device, next(self.backbone.parameters()).dtype
         per_shot = [patch_features(self.backbone(flipped_views(shot).to(device, dtype)), memory.levels)
                     for shot in shots]
-        memory.fill(per_shot)
+        memory.fill(per_shot, self.config.memory_fraction)
         self.config.memory_shape = list(memory.bank.shape[:2])
 
     def prototype_logits(self, features: list[Tensor], like: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
         backbone=backbone,
         width=train.width,
         memory_strides=list(train.memory_strides),
+        memory_fraction=train.memory_fraction,
         detection_head=train.detection_head,
         text_encoder=train.text_encoder,
         image_size=params.image_size,

@@ -80,7 +80,8 @@ def test_memory_head_needs_a_memory_then_scores_foreign_pixels_higher(head):
     with pytest.raises(RuntimeError, match="build_memory"):
         model(torch.stack(normal))
     model.build_memory(normal)
-    assert model.config.memory_shape == [2, 8 * 8]  # shots x stride-8 cells: one view's worth, from the 4 flips
+    # shots x a quarter of one view's stride-8 cells (the default fraction), from the 4 flips
+    assert model.config.memory_shape == [2, 8 * 8 // 4]
     test = normal[0].clone()
     test[:, 16:48, 16:48] = 0.0  # a large black square: unlike anything in the memory
     logits = model(test[None]).detection_logits[0, 0]
@@ -112,6 +113,18 @@ def test_checkpoint_without_recorded_strides_loads_with_the_legacy_ones(tmp_path
     batch = torch.stack(shots(size=64))
     torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
     assert make_model(detection_head="knn").memory.levels == [1, 2, 3]  # today's default adds stride 32
+
+
+@pytest.mark.parametrize("fraction, entries", [(1.0, 64), (0.5, 32), (4.0, 256), (0.001, 1)])
+def test_memory_fraction_sets_the_entries_per_shot(fraction, entries):
+    model = make_model(detection_head="knn", memory_fraction=fraction)
+    model.build_memory(shots())
+    assert model.config.memory_shape == [2, entries]  # 64 px: 8 x 8 stride-8 cells per view, 4 views
+
+
+def test_bad_memory_fraction_is_an_input_error():
+    with pytest.raises(InputError, match="memory_fraction"):
+        make_model(memory_fraction=0.0)
 
 
 @pytest.mark.parametrize("bad", [[], [0], ["8"], 8])
