@@ -89,8 +89,8 @@ def channel_argmax(x: Tensor) -> Tensor:
 def type_mass_by_level(maps: Tensor, class_probs: Tensor, levels: int = TYPE_LEVELS) -> Tensor:
     """Class probabilities summed over the pixels of each anomaly-map level (B, levels, C).
 
-    Compact (a few KB per image) yet enough to pick the image type under any pixel threshold
-    chosen later, e.g. the reference protocol's, which depends on the whole test set.
+    Compact (a few KB per image) yet enough to pick the image type from the top-k pixels for any
+    k chosen later (`image_types`).
     """
     b, c = class_probs.shape[:2]
     index = (maps.flatten(1).clamp(0, 1) * levels).long().clamp_(max=levels - 1)  # (B, HW)
@@ -99,16 +99,22 @@ def type_mass_by_level(maps: Tensor, class_probs: Tensor, levels: int = TYPE_LEV
     return mass.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, c), probs)
 
 
-def image_types(type_mass: Tensor, anomalous: Tensor, pixel_threshold: float) -> Tensor:
+def image_types(type_mass: Tensor, anomalous: Tensor, top_k: int) -> Tensor:
     """Per image: 0 when not anomalous, else 1 + the type with the most probability mass over the
-    pixels above the threshold; an anomalous image with no such pixel falls back to all pixels,
-    weighted by their anomaly level, so the decision never depends on an empty set."""
-    levels = type_mass.shape[1]
-    first = min(max(int(np.floor(pixel_threshold * levels)), 0), levels - 1)
-    above = type_mass[:, first:].sum(dim=1)  # (B, C)
-    centres = (torch.arange(levels, dtype=torch.float32, device=type_mass.device) + 0.5) / levels
-    weighted = (type_mass * centres[None, :, None]).sum(dim=1)
-    mass = torch.where(above.sum(dim=1, keepdim=True) > 0, above, weighted)
+    image's top-k pixels, the very pixels whose mean is the image score: the image is typed by what
+    made it anomalous. Read from `type_mass` (highest levels first; the last level reached counts
+    in proportion), so it never depends on an empty set.
+
+    The earlier rule (mass over every pixel above the pixel threshold) let the many faintly
+    flagged pixels outvote a small, strong defect and typed most such images as the type that
+    looks most like plain texture. On the MTD development part, zero-shot: balanced accuracy 33.5
+    → 43.3, accuracy 50.9 → 53.8 (`benchmarks/bench_mtd.py`).
+    """
+    descending = type_mass.flip(1)  # (B, levels, C), highest anomaly level first
+    counts = descending.sum(dim=2)  # pixels per level: each pixel's class probabilities sum to 1
+    higher = counts.cumsum(dim=1) - counts  # pixels in the levels above
+    share = (top_k - higher).clamp(min=0).minimum(counts) / counts.clamp_min(1e-9)
+    mass = (descending * share.unsqueeze(-1)).sum(dim=1)  # (B, C)
     return torch.where(anomalous, mass.argmax(dim=1) + 1, torch.zeros_like(anomalous, dtype=torch.long))
 
 
@@ -118,7 +124,7 @@ def decide(maps: Tensor, class_ids: Tensor, type_mass: Tensor, pixel_threshold: 
     scores = top_k_scores(maps, top_k)
     anomalous = scores > image_threshold
     type_maps = torch.where(maps > pixel_threshold, class_ids, torch.zeros_like(class_ids))
-    types = image_types(type_mass, anomalous, pixel_threshold)
+    types = image_types(type_mass, anomalous, top_k)
     return Prediction(maps, type_maps, scores, anomalous, types, class_ids, type_mass)
 
 

@@ -48,8 +48,17 @@ def test_maps_types_and_scores_follow_the_thresholds():
     assert p.type_maps[0].tolist() == [[1, 1], [2, 0]]
     assert p.scores[0].item() == pytest.approx(0.85)  # mean of the top 2 pixels
     assert p.anomalous.tolist() == [True]
-    # by pixel votes scratch wins 2:1, but summed probability picks spot (1.99 vs 1.11)
-    assert p.types.tolist() == [2]
+    # typed by the top-2 pixels, those of the score (0.9, 0.8): scratch 1.10 vs spot 0.90
+    assert p.types.tolist() == [1]
+
+
+def test_image_type_is_the_type_of_the_top_k_pixels():
+    # top 3 (0.9, 0.8, 0.6): by pixel votes scratch wins 2:1, but summed probability picks spot
+    # (1.89 vs 1.11); the 0.1 pixel, which would make it scratch again, is not among them
+    assert predict(pixel_threshold=0.5, image_threshold=0.5, image_top_k=3).types.tolist() == [2]
+    assert predict(pixel_threshold=0.5, image_threshold=0.05, image_top_k=4).types.tolist() == [1]  # 2.1 vs 1.9
+    # the pixel threshold plays no part in the image type
+    assert predict(pixel_threshold=0.95, image_threshold=0.5, image_top_k=3).types.tolist() == [2]
 
 
 def test_normal_image_has_type_zero_whatever_its_pixels():
