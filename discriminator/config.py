@@ -14,7 +14,10 @@ class TrainConfig:
     backbone_layers: list[int] | None = None  # transformers: hidden-state indices; None = the model's default
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
-    width: int = field(default=128, metadata=at_least(1))
+    # embedding width: 64 and 128 tie on the MTD development part (mean Acc / bAcc / mIoU of both
+    # settings 50.9 / 42.8 / 20.8 vs 51.2 / 43.2 / 20.1); 64 trains 1.4x faster and quarters the
+    # stride-4 fusion conv, the largest convolution of prediction
+    width: int = field(default=64, metadata=at_least(1))
     # backbone strides the normal-shot memory and the type prototypes read (`discriminator.memory`)
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES), metadata=at_least(1))
     # memory entries per shot as a fraction of one view's cells: the kNN search's cost is linear in it
