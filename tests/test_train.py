@@ -87,7 +87,8 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     run_train(params, dataset, manifest, root / head, show_progress=False)
     model = Discriminator.from_pretrained(root / head)
     memory = model.memory
-    assert model.config.memory_shape == [2, (SIZE // 8) ** 2]  # 2 normal shots x stride-8 cells (a coreset of 4 flips)
+    # 2 normal shots x a quarter of one view's stride-8 cells (the default fraction; a coreset of 4 flips)
+    assert model.config.memory_shape == [2, (SIZE // 8) ** 2 // 4]
     assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
     assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
 
