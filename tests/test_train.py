@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from discriminator.config import EvaluateConfig, TrainConfig
+from core.images import read_sample
+from core.manifest import Manifest
+from discriminator.memory import FLIPS
 from discriminator.model import Discriminator
-from discriminator.train import balanced_threshold, fit_platt, poly_schedule, separating_threshold
+from discriminator.predict import Predictor, images_to_tensor
+from discriminator.train import balanced_threshold, fit_platt, floored_threshold, poly_schedule, separating_threshold
 from pipelines.config import Params
 from pipelines.train import run_train
 from tests.test_data import SIZE, TYPES, write_frozen_dataset, write_manifest
@@ -91,6 +95,36 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     assert model.config.memory_shape == [2, (SIZE // 8) ** 2 // 4]
     assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
     assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
+
+
+def test_balanced_threshold_gives_up_a_normal_shot_and_the_floor_takes_it_back():
+    # two normals: catching four more anomalies (TPR 0.2 -> 1.0) outweighs flagging one normal (FPR 0.5)
+    labels = np.array([1, 1, 1, 1, 1, 0, 0], bool)
+    scores = np.array([0.9, 0.5, 0.45, 0.42, 0.41, 0.6, 0.3])
+    threshold, _ = balanced_threshold(labels, scores)
+    assert threshold < 0.6  # the 0.6 normal is flagged
+    floored = floored_threshold(threshold, np.array([0.6, 0.58, 0.3]))
+    assert floored == 0.6 and not 0.6 > floored  # decisions are score > threshold
+    assert floored_threshold(threshold, np.zeros(0)) == threshold
+    assert floored_threshold(0.7, np.array([0.6])) == 0.7  # a floor never lowers the cut
+
+
+def test_no_flipped_normal_shot_is_flagged_by_the_calibrated_image_threshold(trained):
+    """The image threshold's floor: every flip of every normal shot, scored leave-one-out as in
+    calibration (as a new normal image would be), stays below it."""
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=3)
+    params.train.detection_head = "knn"
+    result = run_train(params, dataset, manifest, root / "knn_floor", show_progress=False)
+    calibration = result.calibration
+    assert calibration.normal_view_max_score is not None
+    model = Discriminator.from_pretrained(root / "knn_floor")
+    model.memory.leave_one_out = True
+    shots = images_to_tensor([read_sample(s, SIZE)[0] for s in Manifest.load(manifest).normal_shots])
+    views = torch.cat([shots.flip(dims) if dims else shots for dims in FLIPS])
+    prediction = Predictor(model, device="cpu")(views)
+    assert float(prediction.scores.max()) == pytest.approx(calibration.normal_view_max_score, abs=1e-6)
+    assert not prediction.anomalous.any()
 
 
 def test_knn_head_scale_and_bias_are_platt_fitted_on_the_holdout_then_frozen(trained):
