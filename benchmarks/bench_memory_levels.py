@@ -1,11 +1,11 @@
 """Which backbone and which feature strides should the normal-shot memory read? kNN detection alone.
 
     python benchmarks/bench_memory_levels.py --manifest work/bench_mtd/zero-shot/prepared/manifest_dev.json \\
-        [--backbones efficientnet_lite0 efficientnet_lite2] [--strides 8,16 8,16,32 ...]
+        [--backbones efficientnet_lite0 efficientnet_lite2] [--strides 8,16 8,16,32 ...] [--fractions 1 0.25]
 
 For each backbone and each set of strides, the memory is built exactly as the `knn` detection head
-builds it (`Discriminator.build_memory`: the shots and their flips, one view's worth of entries
-per shot by k-centre coreset, distances standardised on the shots leave-one-out) and the test
+builds it (`Discriminator.build_memory`: the shots and their flips, `--fractions` of one view's
+cells per shot by k-centre coreset, distances standardised on the shots leave-one-out) and the test
 images are scored by that distance alone: no training, no synthetic data. Prints image and pixel
 AUROC (image score: mean of the top-100 pixels, as the head's) and the backbone's images/s.
 Choose on the development part (`bench_mtd.py` writes manifest_dev.json), report on the full set.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from discriminator.backbones import build_backbone  # noqa: E402
-from discriminator.memory import NormalMemory, flipped_views, memory_levels, patch_features  # noqa: E402
+from discriminator.memory import MEMORY_FRACTION, NormalMemory, flipped_views, memory_levels, patch_features  # noqa: E402
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
 from discriminator.predict import images_to_tensor, top_k_scores  # noqa: E402
 
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1",
                                                           "efficientnet_lite2"])
     parser.add_argument("--strides", nargs="+", default=DEFAULT_STRIDES, help="comma-separated stride sets")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[MEMORY_FRACTION],
+                        help="memory entries per shot, as fractions of one view's cells")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args()
@@ -63,8 +65,8 @@ def main() -> None:
     shots = [images_to_tensor([read_sample(s, args.size)[0]])[0] for s in manifest.normal_shots]
     print(f"{len(images)} test images of {args.manifest}, {len(shots)} normal shots, {args.size} px; "
           f"kNN distance alone (the knn head's memory), metrics in %")
-    print("| backbone | strides | I-AUROC | P-AUROC | backbone images/s |")
-    print("|---|---|---|---|---|")
+    print("| backbone | strides | memory fraction | I-AUROC | P-AUROC | backbone images/s |")
+    print("|---|---|---|---|---|---|")
     for name in args.backbones:
         backbone = build_backbone(name)
         started = time.perf_counter()
@@ -75,12 +77,14 @@ def main() -> None:
         for spec in args.strides:
             strides = [int(s) for s in spec.split(",")]
             levels = memory_levels(backbone.strides, strides)
-            memory = NormalMemory(0, 0, 1, levels)
-            memory.fill([patch_features(f, levels) for f in shot_features])
-            maps = knn_maps(memory, features, args.size, args.batch)
-            image = auroc(labels, top_k_scores(maps, args.top_k).numpy())
-            pixel = pixel_auroc(masks, maps.numpy())
-            print(f"| {name} | {spec} | {100 * image:.1f} | {100 * pixel:.1f} | {speed:.1f} |", flush=True)
+            for fraction in args.fractions:
+                memory = NormalMemory(0, 0, 1, levels)
+                memory.fill([patch_features(f, levels) for f in shot_features], fraction)
+                maps = knn_maps(memory, features, args.size, args.batch)
+                image = auroc(labels, top_k_scores(maps, args.top_k).numpy())
+                pixel = pixel_auroc(masks, maps.numpy())
+                print(f"| {name} | {spec} | {fraction:g} | {100 * image:.1f} | {100 * pixel:.1f} | {speed:.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
