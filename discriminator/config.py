@@ -15,7 +15,7 @@ class TrainConfig:
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
     # embedding width: 64 and 128 tie on the MTD development part (mean Acc / bAcc / mIoU of both
-    # settings 50.9 / 42.8 / 20.8 vs 51.2 / 43.2 / 20.1); 64 trains 1.4x faster and quarters the
+    # settings 51.0 / 42.8 / 20.8 vs 51.2 / 43.2 / 20.1); 64 trains 1.4x faster and quarters the
     # stride-4 fusion conv, the largest convolution of prediction
     width: int = field(default=64, metadata=at_least(1))
     # backbone strides the normal-shot memory and the type prototypes read (`discriminator.memory`)

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: training's flips
-# Which backbone strides the memory (and the type prototypes) read. Mid-level texture (8, 16) plus
-# the stride-32 level's context: on the MTD development part, kNN image / pixel AUROC 79.8 / 74.4
-# with (8, 16, 32) vs 75.7 / 72.4 with (8, 16) and 67.9 / 66.0 with (4, 8) (EfficientNet-Lite0,
-# `benchmarks/bench_memory_levels.py`). A checkpoint records its own strides.
+# Which backbone strides the memory (and the type prototypes) read: mid-level texture (8, 16) plus
+# the stride-32 level's context. kNN image / pixel AUROC on the MTD development part
+# (EfficientNet-Lite0, `benchmarks/bench_memory_levels.py`): 79.5 / 74.5 with (8, 16, 32) vs
+# 76.0 / 72.4 with (8, 16), at the default fraction. A checkpoint records its own strides.
 MEMORY_STRIDES = (8, 16, 32)
-# entries per shot as a fraction of one view's cells: a quarter costs 0.6 image-AUROC points on the MTD
-# development part (79.2 vs 79.8 with strides 8/16/32) for a quarter of the kNN search
+# entries per shot as a fraction of one view's cells: a quarter costs 0.6 image-AUROC points there
+# (79.5 vs 80.1 with one view's worth; half: 79.8) for a quarter of the kNN search
 MEMORY_FRACTION = 0.25
 LEGACY_MEMORY_STRIDES = (8, 16)  # checkpoints saved before the strides were recorded; the kNN baseline's
 
@@ -107,8 +107,8 @@ class NormalMemory(nn.Module):
         `k_center_coreset`: the flips widen what the memory covers without multiplying the search,
         which is the largest single cost of prediction on CPU. Raw kNN maps on every third MTD
         test image, strides 8/16: image / pixel AUROC 76.4 / 71.9 with one view's worth, 76.6 /
-        72.0 with all 4 views, 75.0 / 70.9 with the unflipped view alone; strides 8/16/32: 79.8 /
-        74.5 with one view's worth, 79.5 / 74.6 with half, 79.2 / 74.5 with a quarter.
+        72.0 with all 4 views, 75.0 / 70.9 with the unflipped view alone (strides 8/16; for strides
+        8/16/32 and other fractions see `MEMORY_FRACTION`).
         """
         bank = torch.stack([
             k_center_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]),
