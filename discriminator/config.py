@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from discriminator.memory import MEMORY_FRACTION, MEMORY_STRIDES
+from discriminator.predict import PIXEL_TYPES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
 class EvaluateConfig:
     batch_size: int = field(default=8, metadata=at_least(1))
     image_top_k: int = field(default=100, metadata=at_least(1))  # image score = mean of the top-k pixel scores
+    # type map: every flagged pixel takes the image's type ("image", one defect type per image) or its own ("pixel")
+    pixel_types: str = field(default="image", metadata={
+        RULE_KEY: Rule("image or pixel", lambda v: v in PIXEL_TYPES)})
     overlays: int = field(default=16, metadata=at_least(0))  # images in the overlay grid
     # ablation: score with one part of a two-part detection head (knn_residual) alone; null = all of it
     detection_part: str | None = field(default=None, metadata={

@@ -33,6 +33,7 @@ from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, b
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
 from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, flipped_views,
                                   memory_levels, patch_features)
+from discriminator.predict import PIXEL_TYPES
 from core.atomic import atomic_path
 from core.errors import InputError
 from core.manifest import write_text_atomic
@@ -61,6 +62,7 @@ class DiscriminatorConfig:
     pixel_threshold: float = 0.5  # on sigmoid(detection logit); calibrated by training
     image_threshold: float = 0.5  # on the image score (mean of the top-k pixel probabilities); calibrated
     image_top_k: int = 100
+    pixel_types: str = "image"  # type map: the image's type on every flagged pixel, or "pixel": each its own
     temperature: float = 0.07  # initial; learned
     min_temperature: float = 0.01  # caps logits at +-100 so the scale cannot run away
     seed: int = 0  # initialisation of the trainable parts
@@ -95,6 +97,8 @@ class DiscriminatorConfig:
         if not isinstance(strides, list) or not strides or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides):
             raise InputError(f"memory_strides must be a non-empty list of positive integers, got {strides!r}", path)
+        if self.pixel_types not in PIXEL_TYPES:
+            raise InputError(f"pixel_types must be one of {list(PIXEL_TYPES)}, got {self.pixel_types!r}", path)
         if not 0.0 < float(self.memory_fraction) <= 4.0:
             raise InputError(f"memory_fraction must be in (0, 4] (4 = every cell of the 4 flips), "
                              f"got {self.memory_fraction}", path)

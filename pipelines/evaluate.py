@@ -178,13 +178,13 @@ def failure_rows(scored: ScoredTestSet, samples: list[Sample], size: int, count:
     return rows
 
 
-def reference_prediction(prediction: Prediction, top_k: int) -> Prediction:
+def reference_prediction(prediction: Prediction, top_k: int, pixel_types: str = "image") -> Prediction:
     """Decisions at 0.5 on maps min-max normalised over the test set: the normalisation is affine,
     so the same decisions come from the raw maps at the de-normalised threshold."""
     lo, hi = float(prediction.anomaly_maps.min()), float(prediction.anomaly_maps.max())
     raw_threshold = lo + REFERENCE_THRESHOLD * (hi - lo)
     return decide(prediction.anomaly_maps, prediction.class_ids, prediction.type_mass,
-                  raw_threshold, raw_threshold, top_k)
+                  raw_threshold, raw_threshold, top_k, pixel_types)
 
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:
@@ -285,7 +285,8 @@ def run_evaluate(params: Params, model_dir: str | Path, manifest_path: str | Pat
 
     # 3. metrics: ours, then the reference protocol's, labelled
     ours = compute_metrics(scored, scored.prediction, num_classes)
-    reference = compute_metrics(scored, reference_prediction(scored.prediction, predictor.top_k), num_classes)
+    reference = compute_metrics(
+        scored, reference_prediction(scored.prediction, predictor.top_k, predictor.pixel_types), num_classes)
     n = len(manifest.test)
     result = {
         **_finite(ours.to_dict()),

@@ -37,6 +37,7 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
         image_size=params.image_size,
         # decisions are calibrated for this k, so it travels with the checkpoint
         image_top_k=params.evaluate.image_top_k,
+        pixel_types=params.evaluate.pixel_types,
         seed=params.seed,
     )
 

@@ -44,8 +44,11 @@ def predict(**thresholds):
 def test_maps_types_and_scores_follow_the_thresholds():
     p = predict(pixel_threshold=0.5, image_threshold=0.7, image_top_k=2)
     torch.testing.assert_close(p.anomaly_maps[0], torch.tensor(MAP))
-    # argmax type where the map is above 0.5, normal (0) elsewhere
-    assert p.type_maps[0].tolist() == [[1, 1], [2, 0]]
+    # above 0.5 every pixel takes the image's type (scratch, from the top-2 pixels), normal (0) elsewhere
+    assert p.type_maps[0].tolist() == [[1, 1], [1, 0]]
+    # per pixel: each flagged pixel its own argmax type
+    per_pixel = predict(pixel_threshold=0.5, image_threshold=0.7, image_top_k=2, pixel_types="pixel")
+    assert per_pixel.type_maps[0].tolist() == [[1, 1], [2, 0]] and per_pixel.types.tolist() == [1]
     assert p.scores[0].item() == pytest.approx(0.85)  # mean of the top 2 pixels
     assert p.anomalous.tolist() == [True]
     # typed by the top-2 pixels, those of the score (0.9, 0.8): scratch 1.10 vs spot 0.90
