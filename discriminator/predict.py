@@ -50,7 +50,7 @@ class Prediction:
     """Decisions for a batch; all tensors on the CPU. Type ids: 0 normal, 1..C the anomaly types."""
 
     anomaly_maps: Tensor  # (B, H, W) float32, the detection probability
-    type_maps: Tensor  # (B, H, W) uint8, the argmax type where the map > pixel threshold, else 0
+    type_maps: Tensor  # (B, H, W) uint8: above the pixel threshold the image's type (`pixel_types`), else 0
     scores: Tensor  # (B,) float32, mean of the top-k pixel scores
     anomalous: Tensor  # (B,) bool, score > image threshold
     types: Tensor  # (B,) int64, 0 when not anomalous
@@ -90,7 +90,7 @@ def type_mass_by_level(maps: Tensor, class_probs: Tensor, levels: int = TYPE_LEV
     """Class probabilities summed over the pixels of each anomaly-map level (B, levels, C).
 
     Compact (a few KB per image) yet enough to pick the image type from the top-k pixels for any
-    k chosen later (`image_types`).
+    k chosen later (`top_k_types`).
     """
     b, c = class_probs.shape[:2]
     index = (maps.flatten(1).clamp(0, 1) * levels).long().clamp_(max=levels - 1)  # (B, HW)
