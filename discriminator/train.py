@@ -196,11 +196,12 @@ def fit_memory_detection(model: torch.nn.Module, data: TrainingData, device: tor
     return scale, bias
 
 
-def normal_view_scores(predictor: Predictor, pool: ImagePool, batch_size: int) -> np.ndarray:
-    """Image scores of the flips of every normal shot (the memory's views; leave-one-out while
-    training, so each is scored as a new normal image would be)."""
-    scores = [predictor(images.flip(dims) if dims else images).scores.numpy()
-              for images, _ in pool_batches(pool, batch_size) for dims in FLIPS]
+def flipped_view_scores(predictor: Predictor, pool: ImagePool, batch_size: int) -> np.ndarray:
+    """Image scores of the flipped views of every normal shot (the memory's other views;
+    leave-one-out while training, so each is scored as a new normal image would be). The
+    unflipped shots are scored by `score_pool` already."""
+    scores = [predictor(images.flip(dims)).scores.numpy()
+              for images, _ in pool_batches(pool, batch_size) for dims in FLIPS if dims]
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
@@ -228,7 +229,7 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     if image_labels.any():
         calibration.image_threshold, calibration.image_balanced_accuracy = balanced_threshold(
             image_labels, np.r_[h_scores, n_scores])
-        views = normal_view_scores(predictor, data.normal_shots, batch_size)
+        views = np.r_[n_scores, flipped_view_scores(predictor, data.normal_shots, batch_size)]
         calibration.image_threshold = floored_threshold(calibration.image_threshold, views)
         calibration.normal_view_max_score = float(views.max()) if views.size else None
     return calibration
