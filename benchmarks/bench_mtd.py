@@ -11,8 +11,10 @@ training and evaluation throughput. Run by a person, not by the test suite:
 
 `--parts dev` evaluates on the fixed development part instead (every third test image in sorted
 path order; choose methods there), `--parts dev full` on both; the full test set is what gets
-reported. With a `knn_residual` detection head each evaluation is repeated with each part of the
-head alone (kNN only, learned map only: the ablation; `--no-ablation` skips it). Per-type rows
+reported. With a `knn` or `knn_residual` detection head each evaluation is repeated with each part
+of the detection alone (the ablation; `--no-ablation` skips it): kNN only (the distance to the
+normal shots: what they give without synthetic data or training), self-similarity only, and the
+learned map only (`knn_residual`). Per-type rows
 (image AUROC vs the normal images, recall, pixel IoU) and balanced accuracy follow each table, and
 the stage wall times per setting.
 
@@ -98,6 +100,19 @@ def uniadc(stage: str, args: argparse.Namespace, setting: Setting, *stage_args: 
     return time.perf_counter() - started
 
 
+def ablation(config: dict) -> list[tuple[str, str]]:
+    """(label, evaluate.detection_part) of each part of the checkpoint's detection alone."""
+    head = config["detection_head"]
+    if head not in ("knn", "knn_residual"):
+        return []
+    parts = [("kNN only", "knn")]
+    if config.get("self_similarity"):
+        parts.append(("self-similarity only", "self"))
+    if head == "knn_residual":
+        parts.append(("learned map only", "learned"))
+    return parts
+
+
 def run_setting(args: argparse.Namespace, setting: Setting) -> dict:
     """prepare → synthesize → train, then evaluate on each requested part of the test set (`full`,
     `dev`), with the shipped detection and, for a two-part head, each part alone (the ablation)."""
@@ -114,9 +129,8 @@ def run_setting(args: argparse.Namespace, setting: Setting) -> dict:
             print(f"[{setting.name}] {stage}: reusing {done_marker}")
             continue
         seconds[stage] = uniadc(stage, args, setting, *stage_args)
-    head = json.loads((model / "config.json").read_text())["detection_head"]
-    variants = [("default", None)] + ([] if args.no_ablation or head != "knn_residual" else
-                                      [("kNN only", "knn"), ("learned map only", "learned")])
+    config = json.loads((model / "config.json").read_text())
+    variants = [("default", None)] + ([] if args.no_ablation else ablation(config))
     evaluations: dict[str, dict[str, dict]] = {}
     for part in args.parts:
         part_manifest = manifest if part == "full" else dev_manifest(manifest)

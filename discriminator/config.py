@@ -23,6 +23,7 @@ class TrainConfig:
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES), metadata=at_least(1))
     # memory entries per shot as a fraction of one view's cells: the kNN search's cost is linear in it
     memory_fraction: float = field(default=MEMORY_FRACTION, metadata=within(0, 4, open_lo=True))
+    self_similarity: bool = True  # the memory also compares each cell with the rest of its own image
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
     detection_head: str = "knn"
@@ -53,9 +54,10 @@ class EvaluateConfig:
     pixel_types: str = field(default="image", metadata={
         RULE_KEY: Rule("image or pixel", lambda v: v in PIXEL_TYPES)})
     overlays: int = field(default=16, metadata=at_least(0))  # images in the overlay grid
-    # ablation: score with one part of a two-part detection head (knn_residual) alone; null = all of it
+    # ablation: score with one part of the detection alone; null = all of it. knn: the distance to the
+    # normal shots; self: to the image's own cells (self_similarity); learned: a knn_residual's residual
     detection_part: str | None = field(default=None, metadata={
-        RULE_KEY: Rule("knn or learned", lambda v: v in ("knn", "learned"))})
+        RULE_KEY: Rule("knn, self or learned", lambda v: v in ("knn", "self", "learned"))})
     device: str = field(default="auto", metadata=device_name())
 
 

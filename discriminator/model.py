@@ -71,6 +71,9 @@ class DiscriminatorConfig:
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES))
     # entries kept per shot, as a fraction of one view's cells (k-centre coreset of the shot's flips)
     memory_fraction: float = MEMORY_FRACTION
+    # the memory also scores each cell against the rest of its own image (`discriminator.memory`);
+    # off for checkpoints saved before it existed
+    self_similarity: bool = False
     prototypes: bool = False  # defect-region features as type prototypes; set by build_prototypes
 
     def __post_init__(self) -> None:
@@ -192,7 +195,7 @@ class NormalMemoryHead(nn.Module):
         levels = memory_levels(backbone.strides, config.memory_strides)
         dim = sum(backbone.channels[i] for i in levels)
         shots, entries = config.memory_shape or (0, 0)
-        self.memory = NormalMemory(shots, entries, dim, levels)
+        self.memory = NormalMemory(shots, entries, dim, levels, bool(config.self_similarity))
 
     def distance(self, features: list[Tensor], like: Tensor) -> Tensor:
         """(B, 1, h, w) standardised kNN distance at the resolution and dtype of `like`."""

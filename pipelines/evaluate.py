@@ -68,14 +68,24 @@ def load_checkpoint(model_dir: str | Path, manifest: Manifest, device: torch.dev
 
 
 def select_detection_part(model: Discriminator, part: str | None, model_dir: str | Path) -> None:
-    """Ablation: make a two-part detection head score with one part alone (None: all parts)."""
+    """Ablation: score with one part of the detection alone (None: all of it). `knn`: the distance to
+    the normal shots; `self`: the distance to the image's own cells; `learned`: a knn_residual's residual."""
     if part is None:
         return
-    head = model.detection_head
-    if part not in getattr(head, "PARTS", ()):
-        raise InputError(f"evaluate.detection_part {part!r} needs a knn_residual detection head, "
-                         f"this checkpoint has {model.config.detection_head!r}", model_dir)
-    head.parts = (part,)
+    head, memory = model.detection_head, model.memory
+    if part == "learned":
+        if "learned" not in getattr(head, "PARTS", ()):
+            raise InputError(f"evaluate.detection_part 'learned' needs a knn_residual detection head, "
+                             f"this checkpoint has {model.config.detection_head!r}", model_dir)
+        head.parts = ("learned",)
+        return
+    if memory is None or (part == "self" and not memory.self_similarity):
+        needs = "a memory with self_similarity" if memory is not None else "a detection head with a memory"
+        raise InputError(f"evaluate.detection_part {part!r} needs {needs}, this checkpoint has "
+                         f"{model.config.detection_head!r}", model_dir)
+    memory.parts = ("shots",) if part == "knn" else ("self",)
+    if "knn" in getattr(head, "PARTS", ()):
+        head.parts = ("knn",)
 
 
 def overlay_indices(labels: np.ndarray, count: int) -> set[int]:
