@@ -5,8 +5,9 @@
 
 For each backbone and each set of strides, the memory is built exactly as the `knn` detection head
 builds it (`Discriminator.build_memory`: the shots and their flips, `--fractions` of one view's
-cells per shot by k-centre coreset, distances standardised on the shots leave-one-out) and the test
-images are scored by that distance alone: no training, no synthetic data. Prints image and pixel
+cells per shot by k-centre coreset, distances standardised on the shots leave-one-out; with
+`--self-similarity on` also the distance to the image's own cells) and the test images are scored by
+that alone: no training, no synthetic data. Prints image and pixel
 AUROC (image score: mean of the top-100 pixels, as the head's) and the backbone's images/s.
 Choose on the development part (`bench_mtd.py` writes manifest_dev.json), report on the full set.
 """
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--strides", nargs="+", default=DEFAULT_STRIDES, help="comma-separated stride sets")
     parser.add_argument("--fractions", nargs="+", type=float, default=[MEMORY_FRACTION],
                         help="memory entries per shot, as fractions of one view's cells")
+    parser.add_argument("--self-similarity", nargs="+", choices=["off", "on"], default=["off", "on"],
+                        help="score without and / or with the image's own cells (`train.self_similarity`)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args()
@@ -65,8 +68,8 @@ def main() -> None:
     shots = [images_to_tensor([read_sample(s, args.size)[0]])[0] for s in manifest.normal_shots]
     print(f"{len(images)} test images of {args.manifest}, {len(shots)} normal shots, {args.size} px; "
           f"kNN distance alone (the knn head's memory), metrics in %")
-    print("| backbone | strides | memory fraction | I-AUROC | P-AUROC | backbone images/s |")
-    print("|---|---|---|---|---|---|")
+    print("| backbone | strides | memory fraction | self-similarity | I-AUROC | P-AUROC | backbone images/s |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.backbones:
         backbone = build_backbone(name)
         started = time.perf_counter()
@@ -78,13 +81,14 @@ def main() -> None:
             strides = [int(s) for s in spec.split(",")]
             levels = memory_levels(backbone.strides, strides)
             for fraction in args.fractions:
-                memory = NormalMemory(0, 0, 1, levels)
-                memory.fill([patch_features(f, levels) for f in shot_features], fraction)
-                maps = knn_maps(memory, features, args.size, args.batch)
-                image = auroc(labels, top_k_scores(maps, args.top_k).numpy())
-                pixel = pixel_auroc(masks, maps.numpy())
-                print(f"| {name} | {spec} | {fraction:g} | {100 * image:.1f} | {100 * pixel:.1f} | {speed:.1f} |",
-                      flush=True)
+                for self_similarity in args.self_similarity:
+                    memory = NormalMemory(0, 0, 1, levels, self_similarity=self_similarity == "on")
+                    memory.fill([patch_features(f, levels) for f in shot_features], fraction)
+                    maps = knn_maps(memory, features, args.size, args.batch)
+                    image = auroc(labels, top_k_scores(maps, args.top_k).numpy())
+                    pixel = pixel_auroc(masks, maps.numpy())
+                    print(f"| {name} | {spec} | {fraction:g} | {self_similarity} | {100 * image:.1f} | "
+                          f"{100 * pixel:.1f} | {speed:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ class DiscriminatorConfig:
 class DiscriminatorOutput:
     class_logits: Tensor  # (B, C, H, W): per-pixel logits over the anomaly types
     detection_logits: Tensor  # (B, 1, H, W): per-pixel anomaly logit
+    # (B, 1, H, W): the logit map image scores read, when the head keeps one apart (the `knn` head with
+    # self-similarity: the distance to the shots alone); None: image scores read detection_logits
+    image_logits: Tensor | None = None
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -198,7 +201,8 @@ class NormalMemoryHead(nn.Module):
         self.memory = NormalMemory(shots, entries, dim, levels, bool(config.self_similarity))
 
     def distance(self, features: list[Tensor], like: Tensor) -> Tensor:
-        """(B, 1, h, w) standardised kNN distance at the resolution and dtype of `like`."""
+        """(B, 1 or 2, h, w) standardised kNN distance at the resolution and dtype of `like`: the
+        pixel map, then the image map if the memory keeps one apart (`NormalMemory.forward`)."""
         if self.memory.shots == 0:
             raise RuntimeError("the memory head has no memory: call Discriminator.build_memory first")
         distance = F.interpolate(self.memory(features), size=like.shape[-2:], mode="bilinear", align_corners=False)
@@ -221,7 +225,7 @@ class MemoryFusionHead(NormalMemoryHead):
 
     def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
         learned = class_logits.mean(dim=1, keepdim=True)
-        return self.fuse(torch.cat([learned, self.distance(features, learned)], dim=1))
+        return self.fuse(torch.cat([learned, self.distance(features, learned)[:, :1]], dim=1))
 
 
 class MemoryDetectionHead(NormalMemoryHead):
@@ -267,7 +271,7 @@ class KnnResidualHead(MemoryDetectionHead):
 
     def forward(self, pixel_embeddings: Tensor, class_logits: Tensor, features: list[Tensor]) -> Tensor:
         knn = self.scale * self.distance(features, pixel_embeddings) + self.bias
-        learned = self.residual(torch.cat([pixel_embeddings, knn], dim=1))
+        learned = self.residual(torch.cat([pixel_embeddings, knn[:, :1]], dim=1))
         if self.parts == ("knn",):
             return knn
         if self.parts == ("learned",):
@@ -356,11 +360,12 @@ class Discriminator(nn.Module):
         class_logits = torch.einsum("bdhw,cd->bchw", pixels, types) / self.temperature
         if self.config.prototypes:
             class_logits = class_logits + self.prototype_logits(features, class_logits)
-        detection_logits = self.detection_head(fused, class_logits, features)
-        size = images.shape[-2:]
+        detection = F.interpolate(self.detection_head(fused, class_logits, features), size=images.shape[-2:],
+                                  mode="bilinear", align_corners=False)
         return DiscriminatorOutput(
-            class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
-            detection_logits=F.interpolate(detection_logits, size=size, mode="bilinear", align_corners=False),
+            class_logits=F.interpolate(class_logits, size=images.shape[-2:], mode="bilinear", align_corners=False),
+            detection_logits=detection[:, :1],
+            image_logits=detection[:, 1:] if detection.shape[1] > 1 else None,
         )
 
     @property

@@ -43,12 +43,12 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny random-weight `knn` checkpoint with a filled memory and thresholds inside its value
+    """A tiny random-weight `knn` checkpoint (self-similarity on, as shipped) with a filled memory and thresholds inside its value
     range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
-                                 detection_head="knn", image_top_k=20)
+                                 detection_head="knn", self_similarity=True, image_top_k=20)
     model = Discriminator(config).eval()
     model.build_memory(list(textured_images(2, seed=1, defects=False)))
     images = textured_images(6, seed=2, defects=True)
