@@ -42,9 +42,10 @@ LEGACY_MEMORY_STRIDES = (8, 16)  # checkpoints saved before the strides were rec
 # except those within SELF_RADIUS cells (its own neighbourhood, which the 3x3 pooling and the upsampled
 # coarse levels smear over); its distance is the SELF_K-th nearest, so that a few repeats of a defect
 # do not vouch for each other. On the MTD development part (kNN alone, strides 8/16/32, quarter
-# memory) image / pixel AUROC 79.5 / 74.5 rose to 81.8 / 77.4 with the mean of both distances; radius
-# 3-6, k 2-10 and step 1-2 all gave 81.3-82.0 / 76.9-77.6 (`benchmarks/bench_memory_levels.py --self`).
-SELF_RADIUS, SELF_K, SELF_STEP = 4, 5, 2
+# memory, `benchmarks/bench_memory_levels.py`) pixel AUROC 74.5 rose to 77.4 with the mean of both
+# distances; radius 3-6, k 2-10 and step 1-4 all gave 76.9-77.6 (one-off sweep). Step 4 (64
+# references at 256 px) gave 77.6 and costs 1.4 ms per image on 2 cores, step 2 3.6 ms.
+SELF_RADIUS, SELF_K, SELF_STEP = 4, 5, 4
 MEMORY_PARTS = ("shots", "self")  # the two distances; an ablation may read one alone
 # Image scores read the distance to the shots alone. The shots' own cells are all the memory knows of
 # normal self-distances, and new normal images hold more unique content (edges, marks) than two
