@@ -4,7 +4,8 @@
         [--backbones efficientnet_lite0 efficientnet_lite2] [--strides 8,16 8,16,32 ...] [--fractions 1 0.25]
 
 For each backbone and each set of strides, the memory is built exactly as the `knn` detection head
-builds it (`Discriminator.build_memory`: the shots and their flips, `--fractions` of one view's
+builds it (`Discriminator.build_memory`: the shots and their flips, at each exposure unless `--views
+flips`, `--fractions` of one view's
 cells per shot by k-centre coreset, distances standardised on the shots leave-one-out; with
 `--self-similarity on` also the distance to the image's own cells) and the test images are scored by
 that alone: no training, no synthetic data. Prints image and pixel
@@ -30,11 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from discriminator.backbones import build_backbone  # noqa: E402
-from discriminator.memory import MEMORY_FRACTION, NormalMemory, flipped_views, memory_levels, patch_features  # noqa: E402
+from discriminator.memory import (MEMORY_FRACTION, NormalMemory, flipped_views, memory_levels, memory_views,  # noqa: E402
+                                  patch_features)
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
 from discriminator.predict import images_to_tensor, top_k_scores  # noqa: E402
 
 DEFAULT_STRIDES = ["8,16", "8,16,32", "16,32", "4,8,16", "16"]
+VIEWS = {"flips": flipped_views, "exposures": memory_views}
 
 
 def knn_maps(memory: NormalMemory, features: list[torch.Tensor], size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +62,8 @@ def main() -> None:
                         help="memory entries per shot, as fractions of one view's cells")
     parser.add_argument("--self-similarity", nargs="+", choices=["off", "on"], default=["off", "on"],
                         help="score without and / or with the image's own cells (`train.self_similarity`)")
+    parser.add_argument("--views", nargs="+", choices=list(VIEWS), default=["exposures"],
+                        help="what the memory stores per shot: its flips, or its flips at each exposure (shipped)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args()
@@ -72,30 +77,30 @@ def main() -> None:
     shots = [images_to_tensor([read_sample(s, args.size)[0]])[0] for s in manifest.normal_shots]
     print(f"{len(images)} test images of {args.manifest}, {len(shots)} normal shots, {args.size} px; "
           f"kNN distance alone (the knn head's memory), metrics in %")
-    print("| backbone | strides | memory fraction | self-similarity | I-AUROC | P-AUROC | I-AUROC of the pixel map "
-          "| backbone images/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backbone | strides | views | memory fraction | self-similarity | I-AUROC | P-AUROC "
+          "| I-AUROC of the pixel map | backbone images/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.backbones:
         backbone = build_backbone(name)
         started = time.perf_counter()
         batches = [backbone(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
         speed = len(images) / (time.perf_counter() - started)
         features = [torch.cat([b[level] for b in batches]) for level in range(len(backbone.strides))]
-        shot_features = [backbone(flipped_views(shot)) for shot in shots]
-        for spec in args.strides:
-            strides = [int(s) for s in spec.split(",")]
-            levels = memory_levels(backbone.strides, strides)
-            for fraction in args.fractions:
-                for self_similarity in args.self_similarity:
-                    memory = NormalMemory(0, 0, 1, levels, self_similarity=self_similarity == "on")
-                    memory.fill([patch_features(f, levels) for f in shot_features], fraction)
-                    maps, image_maps = knn_maps(memory, features, args.size, args.batch)
-                    image = auroc(labels, top_k_scores(image_maps, args.top_k).numpy())
-                    pixel = pixel_auroc(masks, maps.numpy())
-                    image_of_pixel_map = auroc(labels, top_k_scores(maps, args.top_k).numpy())
-                    print(f"| {name} | {spec} | {fraction:g} | {self_similarity} | {100 * image:.1f} | "
-                          f"{100 * pixel:.1f} | {100 * image_of_pixel_map:.1f} | {speed:.1f} |", flush=True)
-
+        for views in args.views:
+            shot_features = [backbone(VIEWS[views](shot)) for shot in shots]
+            for spec in args.strides:
+                strides = [int(s) for s in spec.split(",")]
+                levels = memory_levels(backbone.strides, strides)
+                for fraction in args.fractions:
+                    for self_similarity in args.self_similarity:
+                        memory = NormalMemory(0, 0, 1, levels, self_similarity=self_similarity == "on")
+                        memory.fill([patch_features(f, levels) for f in shot_features], fraction)
+                        maps, image_maps = knn_maps(memory, features, args.size, args.batch)
+                        image = auroc(labels, top_k_scores(image_maps, args.top_k).numpy())
+                        pixel = pixel_auroc(masks, maps.numpy())
+                        image_of_pixel_map = auroc(labels, top_k_scores(maps, args.top_k).numpy())
+                        print(f"| {name} | {spec} | {views} | {fraction:g} | {self_similarity} | {100 * image:.1f} | "
+                              f"{100 * pixel:.1f} | {100 * image_of_pixel_map:.1f} | {speed:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

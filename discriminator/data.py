@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from discriminator.config import TrainConfig
+from discriminator.exposure import GAIN_RANGE, GAMMA_RANGE, OFFSET_RANGE
 from core.errors import InputError
 from core.images import decode_png, read_sample, resize_image, resize_mask
 from core.manifest import NORMAL, Manifest, Sample
@@ -258,11 +259,6 @@ def augment(item: LabelledImage, rng: np.random.Generator) -> LabelledImage:
         type_map = cv2.warpAffine(np.ascontiguousarray(type_map).astype(np.int32), shift, (w, h),
                                   flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101).astype(np.int64)
     return LabelledImage(np.ascontiguousarray(image), np.ascontiguousarray(type_map))
-
-
-GAMMA_RANGE = (0.7, 1.4)
-GAIN_RANGE = (0.75, 1.3)
-OFFSET_RANGE = (-0.08, 0.08)  # of the full range
 
 
 def photometric(item: LabelledImage, rng: np.random.Generator) -> LabelledImage:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from discriminator.exposure import GAIN_RANGE
+
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both: training's flips
 # Which backbone strides the memory (and the type prototypes) read: mid-level texture (8, 16) plus
 # the stride-32 level's context. kNN image / pixel AUROC on the MTD development part
@@ -38,6 +40,13 @@ MEMORY_STRIDES = (8, 16, 32)
 # (79.5 vs 80.1 with one view's worth; half: 79.8) for a quarter of the kNN search
 MEMORY_FRACTION = 0.25
 LEGACY_MEMORY_STRIDES = (8, 16)  # checkpoints saved before the strides were recorded; the kNN baseline's
+# The memory also holds each shot's flips at the ends of training's photometric gain range
+# (`discriminator.exposure`, the exposures training assumes a test set spans): a new image
+# brighter or darker than the shots then finds its texture in the memory. On the MTD development
+# part (kNN alone with self-similarity, `benchmarks/bench_memory_levels.py --views flips exposures`) image / pixel
+# AUROC 79.5 / 77.6 with the flips alone, 80.7 / 77.8 with these; the kNN search does not grow
+# (the coreset keeps `memory_fraction` of one view per shot, whatever the number of views).
+MEMORY_GAINS = (1.0, *GAIN_RANGE)
 # Self-similarity: a cell is compared with every SELF_STEP-th row and column of its own image's cells,
 # except those within SELF_RADIUS cells (its own neighbourhood, which the 3x3 pooling and the upsampled
 # coarse levels smear over); its distance is the SELF_K-th nearest, so that a few repeats of a defect
@@ -219,5 +228,12 @@ class NormalMemory(nn.Module):
 
 
 def flipped_views(image: Tensor) -> Tensor:
-    """(3, H, W) -> (len(FLIPS), 3, H, W): the views the memory stores for one shot."""
+    """(3, H, W) -> (len(FLIPS), 3, H, W): the shot and its flips, as training augments it."""
     return torch.stack([image.flip(dims) if dims else image for dims in FLIPS])
+
+
+def memory_views(image: Tensor) -> Tensor:
+    """(3, H, W) -> (len(FLIPS) · len(MEMORY_GAINS), 3, H, W): the views the memory stores for one
+    shot, the flips first (view 0 is the shot itself), then the flips at each other exposure."""
+    flips = flipped_views(image)
+    return torch.cat([flips if gain == 1.0 else (flips * gain).clamp(0.0, 1.0) for gain in MEMORY_GAINS])

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
-from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, flipped_views,
+from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, memory_views,
                                   memory_levels, patch_features)
 from discriminator.predict import PIXEL_TYPES
 from core.atomic import atomic_path
@@ -103,7 +103,7 @@ class DiscriminatorConfig:
         if self.pixel_types not in PIXEL_TYPES:
             raise InputError(f"pixel_types must be one of {list(PIXEL_TYPES)}, got {self.pixel_types!r}", path)
         if not 0.0 < float(self.memory_fraction) <= 4.0:
-            raise InputError(f"memory_fraction must be in (0, 4] (4 = every cell of the 4 flips), "
+            raise InputError(f"memory_fraction must be in (0, 4] (4 = four views' worth of cells per shot), "
                              f"got {self.memory_fraction}", path)
         for name in ("pixel_threshold", "image_threshold"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
@@ -384,7 +384,7 @@ class Discriminator(nn.Module):
         if not shots:
             raise InputError(f"detection_head {self.config.detection_head!r} needs at least one normal shot")
         device, dtype = memory.bank.device, next(self.backbone.parameters()).dtype
-        per_shot = [patch_features(self.backbone(flipped_views(shot).to(device, dtype)), memory.levels)
+        per_shot = [patch_features(self.backbone(memory_views(shot).to(device, dtype)), memory.levels)
                     for shot in shots]
         memory.fill(per_shot, self.config.memory_fraction)
         self.config.memory_shape = list(memory.bank.shape[:2])

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from discriminator.memory import NormalMemory, flipped_views, k_center_coreset, memory_levels, nearest_distances
+from discriminator.memory import (MEMORY_GAINS, NormalMemory, flipped_views, k_center_coreset, memory_levels,
+                                  memory_views, nearest_distances)
 from discriminator.model import Discriminator, DiscriminatorConfig
 from core.errors import InputError
 
@@ -15,6 +16,7 @@ RANDOM_LITE0 = {"name": "efficientnet_lite0", "pretrained": False}
 
 
 def make_model(**overrides) -> Discriminator:
+    torch.manual_seed(0)  # the random backbone's weights come from the global generator: same model every run
     config = DiscriminatorConfig(**{"category": "tile", "class_names": ["crack", "hole"], "backbone": RANDOM_LITE0,
                                     "width": 16, "detection_head": "memory", **overrides})
     return Discriminator(config)
@@ -71,6 +73,16 @@ def test_flipped_views_are_the_four_flips():
     views = flipped_views(image)
     assert views.shape == (4, 3, 3, 4)
     assert torch.equal(views[1], image.flip(-1)) and torch.equal(views[3], image.flip(-1).flip(-2))
+
+
+def test_memory_views_are_the_flips_at_each_exposure():
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = memory_views(image)
+    assert views.shape == (4 * len(MEMORY_GAINS), 3, 8, 8) and MEMORY_GAINS[0] == 1.0
+    assert torch.equal(views[:4], flipped_views(image))  # view 0 is the shot: the stats are computed on it
+    for i, gain in enumerate(MEMORY_GAINS[1:], start=1):
+        torch.testing.assert_close(views[4 * i : 4 * i + 4], (flipped_views(image) * gain).clamp(0, 1))
+    assert views.min() >= 0 and views.max() <= 1
 
 
 @pytest.mark.parametrize("head", ["memory", "knn"])
