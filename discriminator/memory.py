@@ -5,7 +5,7 @@ were painted on), so on a new normal image it can fire on anything unfamiliar. T
 each pixel's frozen backbone feature to the normal shots' features is the complementary signal:
 it knows nothing of defect types but a lot about what "normal" looked like.
 
-The memory is built once at train time from the normal shots (and their flips, the augmentations
+The memory is built once at train time from the normal shots (their flips at three exposures, the augmentations
 training used) and saved in model.safetensors as a buffer, so a checkpoint stays self-contained.
 It is kept per shot, (S, N, D), for one reason: the synthetic training and calibration images are
 painted on those very shots, so their background would match itself at distance ~0, unlike any
@@ -43,8 +43,8 @@ LEGACY_MEMORY_STRIDES = (8, 16)  # checkpoints saved before the strides were rec
 # The memory also holds each shot's flips at the ends of training's photometric gain range
 # (`discriminator.exposure`, the exposures training assumes a test set spans): a new image
 # brighter or darker than the shots then finds its texture in the memory. On the MTD development
-# part (kNN alone with self-similarity, `benchmarks/bench_memory_levels.py --views flips exposures`) image / pixel
-# AUROC 79.5 / 77.6 with the flips alone, 80.7 / 77.8 with these; the kNN search does not grow
+# part (kNN alone with self-similarity, `benchmarks/bench_memory_levels.py --views flips exposures`)
+# image / pixel AUROC 79.5 / 77.6 with the flips alone, 80.7 / 77.8 with these; the kNN search does not grow
 # (the coreset keeps `memory_fraction` of one view per shot, whatever the number of views).
 MEMORY_GAINS = (1.0, *GAIN_RANGE)
 # Self-similarity: a cell is compared with every SELF_STEP-th row and column of its own image's cells,
@@ -178,7 +178,7 @@ class NormalMemory(nn.Module):
         """Store each shot's features (one (F, D, h, w) tensor per shot, F views) and the distance stats.
 
         Per shot, the bank keeps `fraction` of one view's cells (h·w), chosen from all F views by
-        `k_center_coreset`: the flips widen what the memory covers without multiplying the search,
+        `k_center_coreset`: the views widen what the memory covers without multiplying the search,
         which is the largest single cost of prediction on CPU. Raw kNN maps on every third MTD
         test image, strides 8/16: image / pixel AUROC 76.4 / 71.9 with one view's worth, 76.6 /
         72.0 with all 4 views, 75.0 / 70.9 with the unflipped view alone (strides 8/16; for strides

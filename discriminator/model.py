@@ -69,7 +69,7 @@ class DiscriminatorConfig:
     memory_shape: list[int] | None = None  # (shots, entries) of the memory head's bank; set by build_memory
     # backbone strides read by the memory and the type prototypes (`discriminator.memory.memory_levels`)
     memory_strides: list[int] = field(default_factory=lambda: list(MEMORY_STRIDES))
-    # entries kept per shot, as a fraction of one view's cells (k-centre coreset of the shot's flips)
+    # entries kept per shot, as a fraction of one view's cells (k-centre coreset of the shot's views)
     memory_fraction: float = MEMORY_FRACTION
     # the memory also scores each cell against the rest of its own image (`discriminator.memory`);
     # off for checkpoints saved before it existed
@@ -375,7 +375,7 @@ class Discriminator(nn.Module):
 
     @torch.no_grad()
     def build_memory(self, shots: list[Tensor]) -> None:
-        """Fill the memory from the normal shots ((3, H, W) tensors in [0, 1]) and their flips;
+        """Fill the memory from the normal shots ((3, H, W) tensors in [0, 1]), their flips and exposures;
         the checkpoint's config records its shape so `from_pretrained` can rebuild it. A no-op
         for heads without memory."""
         memory = self.memory
