@@ -190,8 +190,9 @@ def failure_rows(scored: ScoredTestSet, samples: list[Sample], size: int, count:
 
 def reference_prediction(prediction: Prediction, top_k: int, pixel_types: str = "image") -> Prediction:
     """Decisions at 0.5 on maps min-max normalised over the test set: the normalisation is affine,
-    so the same decisions come from the raw maps (and the image scores, top-k means of such maps)
-    at the de-normalised threshold."""
+    so the same decisions come from the raw maps at the de-normalised threshold. The image scores
+    are the prediction's own (top-k means of the model's image map, which with self-similarity is
+    not the anomaly map) and take that same threshold."""
     lo, hi = float(prediction.anomaly_maps.min()), float(prediction.anomaly_maps.max())
     raw_threshold = lo + REFERENCE_THRESHOLD * (hi - lo)
     return decide(prediction.anomaly_maps, prediction.class_ids, prediction.type_mass,
