@@ -1,6 +1,7 @@
 """`dvc repro` end to end on tiny settings: every stage of both demo categories and the aggregate
-run, metrics are DVC metrics, a change to the train params reruns only train + evaluate (the frozen
-datasets are reused), and adding a category runs only that category's stages."""
+run, metrics are DVC metrics, a change to the train params or to the discriminator's code reruns
+only train + evaluate (the frozen datasets are reused), and adding a category runs only that
+category's stages."""
 
 import json
 import shutil
@@ -37,6 +38,7 @@ def dvc(*args: str, cwd: Path) -> str:
 
 
 CATEGORIES = ["demo_surface", "demo_fabric"]
+CODE = ("core", "synthesis", "discriminator", "pipelines")  # the stages' code deps, copied beside dvc.yaml
 PER_CATEGORY = ("prepare", "synthesize", "train", "evaluate")
 
 
@@ -47,6 +49,8 @@ def ran(out: str) -> set[str]:
 @pytest.mark.skipif(DVC is None, reason="dvc is not installed")
 def test_dvc_repro_runs_every_category_then_aggregates_and_reruns_only_what_changed(tmp_path):
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    for package in CODE:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     assert params["data"]["categories"] == CATEGORIES  # the default run exercises two categories
     dvc("init", "--no-scm", "-q", cwd=tmp_path)
@@ -80,6 +84,13 @@ def test_dvc_repro_runs_every_category_then_aggregates_and_reruns_only_what_chan
     assert "demo_fabric.pixel_miou" not in shown and max(map(len, shown.splitlines())) < 800
 
     assert repro() == set()  # nothing changed, nothing runs
+
+    # a change to the discriminator's code makes train and evaluate stale, not the datasets
+    with open(tmp_path / "discriminator/model.py", "a") as module:
+        module.write("\n# edited\n")
+    stale = set(json.loads(dvc("status", "--json", cwd=tmp_path)))
+    assert stale == {f"{s}@{c}" for s in ("train", "evaluate") for c in CATEGORIES}
+    (tmp_path / "discriminator/model.py").write_text((REPO / "discriminator/model.py").read_text())
 
     params["train"]["steps"] = 4
     assert repro() == {"aggregate"} | {f"{s}@{c}" for s in ("train", "evaluate") for c in CATEGORIES}
