@@ -119,16 +119,23 @@ def self_reference_mask(h: int, w: int, radius: int = SELF_RADIUS, k: int = SELF
     return np.zeros_like(near), min(k, len(ref_y))
 
 
+@lru_cache(maxsize=8)
+def _reference_mask_on(h: int, w: int, radius: int, k: int, step: int, device: torch.device) -> tuple[Tensor, int]:
+    """`self_reference_mask` as a tensor on `device`, made once per device, not copied per batch."""
+    near, k = self_reference_mask(h, w, radius, k, step)
+    return torch.from_numpy(near).to(device), k
+
+
 def self_distances(queries: Tensor, radius: int = SELF_RADIUS, k: int = SELF_K, step: int = SELF_STEP) -> Tensor:
     """(B, D, h, w) -> (B, 1, h, w): each cell's k-th nearest L2 distance among its own image's
     cells (every `step`-th row and column) outside a window of `radius` cells around it."""
     b, d, h, w = queries.shape
     flat = queries.flatten(2).transpose(1, 2)  # (B, h·w, D)
     refs = queries[:, :, ::step, ::step].flatten(2).transpose(1, 2)  # (B, m, D)
-    near, k = self_reference_mask(h, w, radius, k, step)
+    near, k = _reference_mask_on(h, w, radius, k, step, queries.device)
     squared = (flat.pow(2).sum(dim=2, keepdim=True) - 2 * flat @ refs.transpose(1, 2)
                + refs.pow(2).sum(dim=2)[:, None, :])
-    squared = squared.masked_fill(torch.from_numpy(near).to(squared.device), float("inf"))
+    squared = squared.masked_fill(near, float("inf"))
     kth = squared.topk(k, dim=2, largest=False).values[:, :, -1]
     return kth.clamp_min(0).sqrt().view(b, 1, h, w)
 
