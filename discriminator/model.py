@@ -75,6 +75,9 @@ class DiscriminatorConfig:
     # off for checkpoints saved before it existed
     self_similarity: bool = False
     prototypes: bool = False  # defect-region features as type prototypes; set by build_prototypes
+    # the prototypes and pixels are compared after subtracting the normal shots' mean feature; set
+    # by build_prototypes when given normal images (off for checkpoints saved before it existed)
+    prototype_center: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -331,6 +334,8 @@ class Discriminator(nn.Module):
             dim = sum(self.backbone.channels[i] for i in self.prototype_levels)
             self.register_buffer("type_prototypes", torch.zeros(num_types, dim))
             self.register_buffer("prototype_valid", torch.zeros(num_types, dtype=torch.bool))
+            if config.prototype_center:
+                self.register_buffer("normal_center", torch.zeros(dim))
 
     @staticmethod
     def _build_type_embeddings(config: DiscriminatorConfig, local_files_only: bool) -> TypeEmbeddings:
@@ -392,9 +397,14 @@ class Discriminator(nn.Module):
     def prototype_logits(self, features: list[Tensor], like: Tensor) -> Tensor:
         """(B, C, h, w) cosine of each pixel's frozen feature to each type's prototype, over the
         same temperature as the learned type logits, at the size of `like`. A type without a
-        prototype gets the mean similarity of those with one: no pull either way."""
-        pixels = F.normalize(patch_features(features, self.prototype_levels), dim=1)
-        sims = torch.einsum("bdhw,cd->bchw", pixels, F.normalize(self.type_prototypes, dim=-1))
+        prototype gets the mean similarity of those with one: no pull either way. With
+        `prototype_center` both are taken relative to the normal shots' mean feature first."""
+        pixels, prototypes = patch_features(features, self.prototype_levels), self.type_prototypes
+        if self.config.prototype_center:
+            pixels = pixels - self.normal_center.view(1, -1, 1, 1).to(pixels.dtype)
+            prototypes = prototypes - self.normal_center
+        pixels = F.normalize(pixels, dim=1)
+        sims = torch.einsum("bdhw,cd->bchw", pixels, F.normalize(prototypes, dim=-1))
         valid = self.prototype_valid.view(1, -1, 1, 1).to(sims.dtype)
         mean = (sims * valid).sum(dim=1, keepdim=True) / valid.sum().clamp_min(1.0)
         sims = sims * valid + mean * (1.0 - valid)
@@ -402,18 +412,28 @@ class Discriminator(nn.Module):
         return (sims / self.temperature).to(like.dtype)
 
     @torch.no_grad()
-    def build_prototypes(self, shots: list[tuple[Tensor, Tensor]]) -> None:
+    def build_prototypes(self, shots: list[tuple[Tensor, Tensor]], normals: list[Tensor] | None = None) -> None:
         """Each type's prototype = the mean frozen feature over its examples' defect regions
         ((3, H, W) image in [0, 1], (H, W) type map 0 / 1..C): the real anomaly shots (one real
         example then counts for classification directly, next to the type embeddings learned
-        from synthetic defects) or, zero-shot, the synthetic training rows. Registers the buffers (saved in the checkpoint) when the config had none; a
-        no-op without shots."""
+        from synthetic defects) or, zero-shot, the synthetic training rows. Registers the buffers
+        (saved in the checkpoint) when the config had none; a no-op without shots.
+
+        With `normals` ((3, H, W) normal images) the mean of their features becomes the centre
+        both sides are compared from (`prototype_logits`). Why: a defect region's mean feature is
+        mostly the product's own texture, which every type shares, so raw cosines of all types
+        are high and alike; from the normal centre each prototype is the direction in which its
+        type departs from normal (the centring of nearest-prototype few-shot classifiers)."""
         num_types = len(self.config.class_names)
+        dtype = next(self.backbone.parameters()).dtype
+        device = next(self.backbone.parameters()).device
+
+        def features_of(image: Tensor) -> Tensor:
+            return patch_features(self.backbone(image[None].to(device, dtype)), self.prototype_levels)[0].cpu()
+
         sums, counts = None, torch.zeros(num_types)
         for image, type_map in shots:
-            dtype = next(self.backbone.parameters()).dtype
-            device = next(self.backbone.parameters()).device
-            feats = patch_features(self.backbone(image[None].to(device, dtype)), self.prototype_levels)[0].cpu()
+            feats = features_of(image)
             sums = torch.zeros(num_types, feats.shape[0]) if sums is None else sums
             for t in type_map.unique().tolist():
                 if t <= 0:
@@ -433,6 +453,13 @@ class Discriminator(nn.Module):
         else:
             self.type_prototypes.copy_(prototypes)
             self.prototype_valid.copy_(counts > 0)
+        if normals:
+            center = torch.stack([features_of(image).mean(dim=(1, 2)) for image in normals]).mean(dim=0)
+            if not self.config.prototype_center:
+                self.register_buffer("normal_center", center.to(device))
+                self.config.prototype_center = True
+            else:
+                self.normal_center.copy_(center)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

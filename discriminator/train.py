@@ -290,10 +290,12 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
 
     # 5. type prototypes (buffers saved in the checkpoint), added to the learned type logits: each
     #    type's mean defect-region feature over the real anomaly shots (few-shot), else over the
-    #    synthetic training rows (zero-shot); then calibrate the thresholds on held-out synthetic
-    #    rows + the normal shots and store them in the config
+    #    synthetic training rows (zero-shot), both sides taken from the normal shots' mean feature;
+    #    then calibrate the thresholds on held-out synthetic rows + the normal shots and store them
+    #    in the config
     if config.prototypes:
-        model.build_prototypes(prototype_sources(data))
+        normals = [to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))]
+        model.build_prototypes(prototype_sources(data), normals=normals)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold

@@ -293,6 +293,34 @@ def test_prototypes_are_the_shots_region_features_and_pull_their_own_type(tmp_pa
     assert_same_outputs(model, loaded)
 
 
+def test_centred_prototypes_compare_departures_from_the_normal_mean(tmp_path):
+    model = Discriminator(make_config()).eval()
+    shots, normals = [_shot(1, 1), _shot(2, 3)], [images(1, 64, 5)[0], images(1, 64, 6)[0]]
+    model.build_prototypes(shots, normals=normals)
+    assert model.config.prototype_center
+    with torch.no_grad():
+        center = torch.stack([model_patch_features(model, n).mean(dim=(1, 2)) for n in normals]).mean(dim=0)
+        torch.testing.assert_close(model.normal_center, center, rtol=1e-4, atol=1e-5)
+        # the logits are the cosines of (pixel - centre) and (prototype - centre), over the temperature
+        image = shots[0][0]
+        feats = model_patch_features(model, image)
+        logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, *feats.shape[-2:]))
+        pixels = torch.nn.functional.normalize(feats - center[:, None, None], dim=0)
+        expected = torch.einsum("dhw,d->hw", pixels, torch.nn.functional.normalize(model.type_prototypes[0] - center, dim=0))
+        torch.testing.assert_close(logits[0, 0], expected / model.temperature, rtol=1e-4, atol=1e-4)
+        for (image, type_map), own in zip(shots, (0, 2)):
+            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64))
+            assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
+    # the centre travels in the checkpoint; a checkpoint without one loads uncentred
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.prototype_center and torch.equal(loaded.normal_center, model.normal_center)
+    assert_same_outputs(model, loaded)
+    plain = Discriminator(make_config()).eval()
+    plain.build_prototypes(shots)
+    assert not plain.config.prototype_center and not hasattr(plain, "normal_center")
+
+
 def test_without_anomaly_shots_no_prototypes_are_added():
     model = Discriminator(make_config()).eval()
     before = model(images()).class_logits
