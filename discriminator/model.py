@@ -30,6 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
+from discriminator.exposure import exposure_statistics, match_exposure
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
 from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, memory_views,
                                   memory_levels, patch_features)
@@ -78,6 +79,9 @@ class DiscriminatorConfig:
     # the prototypes and pixels are compared after subtracting the normal shots' mean feature; set
     # by build_prototypes when given normal images (off for checkpoints saved before it existed)
     prototype_center: bool = False
+    # every image is matched to the normal shots' mean and contrast before the backbone
+    # (`discriminator.exposure.match_exposure`); off for checkpoints saved before it existed
+    exposure_match: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -328,6 +332,8 @@ class Discriminator(nn.Module):
         config.text_dim = type_embeddings.text_dim if isinstance(type_embeddings, TextTypeEmbeddings) else None
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)))
         self.config = config
+        if config.exposure_match:  # [mean, std] of the normal shots; set by set_exposure_reference
+            self.register_buffer("exposure_reference", torch.tensor([0.5, 0.2]))
         # frozen mid-level features, as the memory's: general texture, not what synthetic data taught
         self.prototype_levels = memory_levels(self.backbone.strides, config.memory_strides)
         if config.prototypes:
@@ -356,9 +362,7 @@ class Discriminator(nn.Module):
 
     def forward(self, images: Tensor) -> DiscriminatorOutput:
         """images (B, 3, H, W) in [0, 1] -> logits at the input resolution."""
-        with torch.no_grad():
-            dtype = next(self.backbone.parameters()).dtype
-            features = self.backbone(images.to(dtype))
+        features = self.backbone_features(images)
         fused = self.fusion([features[i].to(self.embed.weight.dtype) for i in self.levels])
         pixels = F.normalize(self.embed(fused), dim=1)
         types = F.normalize(self.type_embeddings(), dim=-1)
@@ -372,6 +376,24 @@ class Discriminator(nn.Module):
             detection_logits=detection[:, :1],
             image_logits=detection[:, 1:] if detection.shape[1] > 1 else None,
         )
+
+    @torch.no_grad()
+    def backbone_features(self, images: Tensor) -> list[Tensor]:
+        """The frozen backbone's levels of (B, 3, H, W) images in [0, 1], after exposure matching
+        when the config asks for it: what the heads, the memory and the prototypes all read."""
+        parameter = next(self.backbone.parameters())
+        images = images.to(parameter.device)
+        if self.config.exposure_match:
+            images = match_exposure(images, self.exposure_reference)
+        return self.backbone(images.to(parameter.dtype))
+
+    @torch.no_grad()
+    def set_exposure_reference(self, shots: list[Tensor]) -> None:
+        """Store the normal shots' ((3, H, W) in [0, 1]) mean intensity and contrast, which every
+        image is matched to (`exposure_match`); a no-op when the config has it off."""
+        if self.config.exposure_match and shots:
+            stats = exposure_statistics(torch.stack(shots).float()).mean(dim=0)
+            self.exposure_reference.copy_(stats.to(self.exposure_reference))
 
     @property
     def memory(self) -> NormalMemory | None:
@@ -388,9 +410,7 @@ class Discriminator(nn.Module):
             return
         if not shots:
             raise InputError(f"detection_head {self.config.detection_head!r} needs at least one normal shot")
-        device, dtype = memory.bank.device, next(self.backbone.parameters()).dtype
-        per_shot = [patch_features(self.backbone(memory_views(shot).to(device, dtype)), memory.levels)
-                    for shot in shots]
+        per_shot = [patch_features(self.backbone_features(memory_views(shot)), memory.levels) for shot in shots]
         memory.fill(per_shot, self.config.memory_fraction)
         self.config.memory_shape = list(memory.bank.shape[:2])
 
@@ -425,11 +445,9 @@ class Discriminator(nn.Module):
         are high and alike; from the normal centre each prototype is the direction in which its
         type departs from normal (the centring of nearest-prototype few-shot classifiers)."""
         num_types = len(self.config.class_names)
-        dtype = next(self.backbone.parameters()).dtype
-        device = next(self.backbone.parameters()).device
 
         def features_of(image: Tensor) -> Tensor:
-            return patch_features(self.backbone(image[None].to(device, dtype)), self.prototype_levels)[0].cpu()
+            return patch_features(self.backbone_features(image[None]), self.prototype_levels)[0].cpu()
 
         sums, counts = None, torch.zeros(num_types)
         for image, type_map in shots:

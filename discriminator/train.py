@@ -256,9 +256,12 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     # 2. a memory head remembers the normal shots; training and calibration see it leave-one-out
     #    because the synthetic images are painted on those very shots. The knn head's scale and
     #    bias are then Platt-fitted on the held-out rows and frozen
+    #    (after the exposure reference every image is matched to, which the memory's views go through too)
+    normals = [to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))]
+    model.set_exposure_reference(normals)
     memory = getattr(model, "memory", None)
     if memory is not None:
-        model.build_memory([to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))])
+        model.build_memory(normals)
         memory.leave_one_out = True
     platt = fit_memory_detection(model, data, device, config.batch_size)
 
@@ -294,7 +297,6 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     #    then calibrate the thresholds on held-out synthetic rows + the normal shots and store them
     #    in the config
     if config.prototypes:
-        normals = [to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))]
         model.build_prototypes(prototype_sources(data), normals=normals)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)

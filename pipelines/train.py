@@ -33,6 +33,7 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
         memory_strides=list(train.memory_strides),
         memory_fraction=train.memory_fraction,
         self_similarity=train.self_similarity,
+        exposure_match=train.exposure_match,
         detection_head=train.detection_head,
         text_encoder=train.text_encoder,
         image_size=params.image_size,
