@@ -90,7 +90,8 @@ def save_overlay_grid(rows: list[OverlayRow], class_names: list[str], path: str 
                   overlay(row.image, row.predicted_types, n))
         for ax, panel in zip(axis_row, panels):
             ax.imshow(panel, cmap="inferno" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
-        axis_row[0].set_ylabel(row.caption, fontsize=7)
+        # horizontal, left of the row: a rotated multi-line caption ran into the rows above and below
+        axis_row[0].set_ylabel(row.caption, fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=8)
     for ax in axes.ravel():
