@@ -24,7 +24,8 @@ class TrainConfig:
     # memory entries per shot as a fraction of one view's cells: the kNN search's cost is linear in it
     memory_fraction: float = field(default=MEMORY_FRACTION, metadata=within(0, 4, open_lo=True))
     self_similarity: bool = True  # the memory also compares each cell with the rest of its own image
-    exposure_match: bool = False  # match every image to the normal shots' mean and contrast before the backbone
+    # match every image to the normal shots' mean and contrast before the backbone (`discriminator.exposure`)
+    exposure_match: bool = True
     # memory: the mean class logit fused with a kNN distance to the normal shots (see discriminator.memory);
     # on MTD it beat mean_logit by ~16 points of pixel AUROC. mean_logit / conv stay selectable.
     detection_head: str = "knn"

@@ -43,14 +43,19 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny random-weight `knn` checkpoint (self-similarity on, as shipped) with a filled memory and thresholds inside its value
-    range (so decisions go both ways), and its two exports."""
+    """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching and centred
+    prototypes on, as shipped) with a filled memory and thresholds inside its value range (so
+    decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
-                                 detection_head="knn", self_similarity=True, image_top_k=20)
+                                 detection_head="knn", self_similarity=True, exposure_match=True, image_top_k=20)
     model = Discriminator(config).eval()
-    model.build_memory(list(textured_images(2, seed=1, defects=False)))
+    normals = list(textured_images(2, seed=1, defects=False))
+    model.set_exposure_reference(normals)
+    model.build_memory(normals)
+    defect = textured_images(1, seed=3, defects=True)[0]
+    model.build_prototypes([(defect, (defect[0] < 0.1).long())], normals=normals)
     images = textured_images(6, seed=2, defects=True)
     first = Predictor(model, device="cpu")(images)
     model.config.pixel_threshold = float(first.anomaly_maps.quantile(0.9))
