@@ -7,7 +7,8 @@ For each backbone and each set of strides, the memory is built exactly as the `k
 builds it (`Discriminator.build_memory`: the shots and their flips, at each exposure unless `--views
 flips`, `--fractions` of one view's
 cells per shot by k-centre coreset, distances standardised on the shots leave-one-out; with
-`--self-similarity on` also the distance to the image's own cells) and the test images are scored by
+`--self-similarity on` also the distance to the image's own cells; with `--exposure-match on`, the
+default as shipped, every image and view first matched to the shots' mean and contrast) and the test images are scored by
 that alone: no training, no synthetic data. Prints image and pixel
 AUROC (image score: mean of the top-100 pixels of the image map, as the head's; with self-similarity
 the image map is the distance to the shots alone, so the image AUROC of the pixel map, which adds
@@ -18,6 +19,7 @@ Choose on the development part (`bench_mtd.py` writes manifest_dev.json), report
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from discriminator.backbones import build_backbone  # noqa: E402
+from discriminator.exposure import exposure_statistics, match_exposure  # noqa: E402
 from discriminator.memory import (MEMORY_FRACTION, NormalMemory, flipped_views, memory_levels, memory_views,  # noqa: E402
                                   patch_features)
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
@@ -64,6 +67,8 @@ def main() -> None:
                         help="score without and / or with the image's own cells (`train.self_similarity`)")
     parser.add_argument("--views", nargs="+", choices=list(VIEWS), default=["exposures"],
                         help="what the memory stores per shot: its flips, or its flips at each exposure (shipped)")
+    parser.add_argument("--exposure-match", nargs="+", choices=["off", "on"], default=["on"],
+                        help="match every image to the shots' mean and contrast first (`train.exposure_match`, shipped on)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=100)
     args = parser.parse_args()
@@ -77,17 +82,19 @@ def main() -> None:
     shots = [images_to_tensor([read_sample(s, args.size)[0]])[0] for s in manifest.normal_shots]
     print(f"{len(images)} test images of {args.manifest}, {len(shots)} normal shots, {args.size} px; "
           f"kNN distance alone (the knn head's memory), metrics in %")
-    print("| backbone | strides | views | memory fraction | self-similarity | I-AUROC | P-AUROC "
+    print("| backbone | exposure match | strides | views | memory fraction | self-similarity | I-AUROC | P-AUROC "
           "| I-AUROC of the pixel map | backbone images/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.backbones:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    reference = exposure_statistics(torch.stack(shots)).mean(dim=0)
+    for name, matched in itertools.product(args.backbones, args.exposure_match):
         backbone = build_backbone(name)
+        prepare = (lambda x: match_exposure(x, reference)) if matched == "on" else (lambda x: x)
         started = time.perf_counter()
-        batches = [backbone(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+        batches = [backbone(prepare(images[i : i + args.batch])) for i in range(0, len(images), args.batch)]
         speed = len(images) / (time.perf_counter() - started)
         features = [torch.cat([b[level] for b in batches]) for level in range(len(backbone.strides))]
         for views in args.views:
-            shot_features = [backbone(VIEWS[views](shot)) for shot in shots]
+            shot_features = [backbone(prepare(VIEWS[views](shot))) for shot in shots]
             for spec in args.strides:
                 strides = [int(s) for s in spec.split(",")]
                 levels = memory_levels(backbone.strides, strides)
@@ -99,7 +106,7 @@ def main() -> None:
                         image = auroc(labels, top_k_scores(image_maps, args.top_k).numpy())
                         pixel = pixel_auroc(masks, maps.numpy())
                         image_of_pixel_map = auroc(labels, top_k_scores(maps, args.top_k).numpy())
-                        print(f"| {name} | {spec} | {views} | {fraction:g} | {self_similarity} | {100 * image:.1f} | "
+                        print(f"| {name} | {matched} | {spec} | {views} | {fraction:g} | {self_similarity} | {100 * image:.1f} | "
                               f"{100 * pixel:.1f} | {100 * image_of_pixel_map:.1f} | {speed:.1f} |", flush=True)
 
 if __name__ == "__main__":
