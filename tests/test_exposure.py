@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from discriminator.exposure import exposure_statistics, match_exposure
 from discriminator.model import Discriminator
-from tests.test_memory import make_model, shots
+from tests.test_memory import load_as_saved_before, make_model, shots
 
 
 def test_statistics_are_each_images_mean_and_standard_deviation():
@@ -60,11 +58,7 @@ def test_reference_round_trips_and_old_checkpoints_load_without_matching(tmp_pat
     torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
     old = make_model(detection_head="knn").eval()
     old.build_memory(shots())
-    old.save_pretrained(tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["exposure_match"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    loaded = Discriminator.from_pretrained(tmp_path / "old")
+    loaded = load_as_saved_before(old, tmp_path / "old", "exposure_match")
     assert not loaded.config.exposure_match and not hasattr(loaded, "exposure_reference")
     torch.testing.assert_close(loaded(batch).detection_logits, old(batch).detection_logits)
 

@@ -22,6 +22,15 @@ def make_model(**overrides) -> Discriminator:
     return Discriminator(config)
 
 
+def load_as_saved_before(model: Discriminator, folder, key: str) -> Discriminator:
+    """Save `model`, drop `key` from its config.json (a checkpoint saved before the key existed), load it."""
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    return Discriminator.from_pretrained(folder)
+
+
 def shots(count: int = 2, size: int = 64) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return [torch.rand(3, size, size, generator=generator) for _ in range(count)]

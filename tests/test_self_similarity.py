@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from discriminator.memory import NormalMemory, patch_features, self_distances, s
 from discriminator.model import Discriminator
 from discriminator.predict import Predictor, top_k_scores
 from pipelines.evaluate import select_detection_part
-from tests.test_memory import make_model, shots
+from tests.test_memory import load_as_saved_before, make_model, shots
 
 
 def test_self_distance_finds_the_one_odd_cell():
@@ -95,11 +93,7 @@ def test_checkpoint_round_trips_and_old_checkpoints_load_without_self_similarity
     # saved before the key existed: loads with self-similarity off and scores as saved
     old = make_model(detection_head="knn").eval()
     old.build_memory(shots())
-    old.save_pretrained(tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["self_similarity"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    loaded = Discriminator.from_pretrained(tmp_path / "old")
+    loaded = load_as_saved_before(old, tmp_path / "old", "self_similarity")
     assert not loaded.memory.self_similarity
     torch.testing.assert_close(loaded(batch).detection_logits, old(batch).detection_logits)
 
