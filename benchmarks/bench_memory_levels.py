@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.images import read_sample  # noqa: E402
 from core.manifest import Manifest  # noqa: E402
 from discriminator.backbones import build_backbone  # noqa: E402
-from discriminator.exposure import exposure_statistics, match_exposure  # noqa: E402
+from discriminator.exposure import match_exposure, reference_statistics  # noqa: E402
 from discriminator.memory import (MEMORY_FRACTION, NormalMemory, flipped_views, memory_levels, memory_views,  # noqa: E402
                                   patch_features)
 from discriminator.metrics import auroc, pixel_auroc  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
     print("| backbone | exposure match | strides | views | memory fraction | self-similarity | I-AUROC | P-AUROC "
           "| I-AUROC of the pixel map | backbone images/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    reference = exposure_statistics(torch.stack(shots)).mean(dim=0)
+    reference = reference_statistics(torch.stack(shots))  # as `Discriminator.set_exposure_reference`
     for name, matched in itertools.product(args.backbones, args.exposure_match):
         backbone = build_backbone(name)
         prepare = (lambda x: match_exposure(x, reference)) if matched == "on" else (lambda x: x)

@@ -25,6 +25,12 @@ def exposure_statistics(images: Tensor) -> Tensor:
     return torch.cat([mean, std], dim=1)
 
 
+def reference_statistics(shots: Tensor) -> Tensor:
+    """(S, 3, H, W) normal shots -> [mean, std]: their mean intensity and contrast, the reference
+    `match_exposure` brings every image to."""
+    return exposure_statistics(shots.float()).mean(dim=0)
+
+
 def match_exposure(images: Tensor, reference: Tensor, min_std: float = 1e-3) -> Tensor:
     """Give each image the mean and standard deviation `reference` ([mean, std], the normal shots')
     by one affine change of its intensities, clipped to [0, 1].

@@ -30,7 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
-from discriminator.exposure import exposure_statistics, match_exposure
+from discriminator.exposure import match_exposure, reference_statistics
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
 from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, memory_views,
                                   memory_levels, patch_features)
@@ -392,8 +392,7 @@ class Discriminator(nn.Module):
         """Store the normal shots' ((3, H, W) in [0, 1]) mean intensity and contrast, which every
         image is matched to (`exposure_match`); a no-op when the config has it off."""
         if self.config.exposure_match and shots:
-            stats = exposure_statistics(torch.stack(shots).float()).mean(dim=0)
-            self.exposure_reference.copy_(stats.to(self.exposure_reference))
+            self.exposure_reference.copy_(reference_statistics(torch.stack(shots)).to(self.exposure_reference))
 
     @property
     def memory(self) -> NormalMemory | None:
