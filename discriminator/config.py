@@ -42,6 +42,9 @@ class TrainConfig:
     # type prototypes next to the learned type embeddings: defect-region features of the real anomaly
     # shots (few-shot), else of the synthetic training rows (zero-shot)
     prototypes: bool = True
+    # few-shot: the memory also keeps the real anomaly shots' defect cells; a pixel nearer to them than
+    # to normal scores higher in the pixel map (`discriminator.memory.DEFECT_WEIGHT`)
+    defect_memory: bool = True
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
     device: str = field(default="auto", metadata=device_name())  # auto: cuda when present

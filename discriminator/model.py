@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from discriminator.backbones import EFFICIENTNET, Backbone, backbone_identity, build_backbone, normalise_spec
 from discriminator.exposure import match_exposure, reference_statistics
 from discriminator.embeddings import DEFAULT_TEMPLATES, LearnedTypeEmbeddings, TextTypeEmbeddings, TypeEmbeddings
-from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, memory_views,
-                                  memory_levels, patch_features)
+from discriminator.memory import (LEGACY_MEMORY_STRIDES, MEMORY_FRACTION, MEMORY_STRIDES, NormalMemory, flipped_views,
+                                  memory_views, memory_levels, patch_features)
 from discriminator.predict import PIXEL_TYPES
 from core.atomic import atomic_path
 from core.errors import InputError
@@ -82,6 +82,8 @@ class DiscriminatorConfig:
     # every image is matched to the normal shots' mean and contrast before the backbone
     # (`discriminator.exposure.match_exposure`); off for checkpoints saved before it existed
     exposure_match: bool = False
+    # entries of the memory's bank of real defect cells (few-shot); set by build_defect_memory, 0 = none
+    defect_memory_entries: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,7 +207,8 @@ class NormalMemoryHead(nn.Module):
         levels = memory_levels(backbone.strides, config.memory_strides)
         dim = sum(backbone.channels[i] for i in levels)
         shots, entries = config.memory_shape or (0, 0)
-        self.memory = NormalMemory(shots, entries, dim, levels, bool(config.self_similarity))
+        self.memory = NormalMemory(shots, entries, dim, levels, bool(config.self_similarity),
+                                   int(config.defect_memory_entries))
 
     def distance(self, features: list[Tensor], like: Tensor) -> Tensor:
         """(B, 1 or 2, h, w) standardised kNN distance at the resolution and dtype of `like`: the
@@ -412,6 +415,20 @@ class Discriminator(nn.Module):
         per_shot = [patch_features(self.backbone_features(memory_views(shot)), memory.levels) for shot in shots]
         memory.fill(per_shot, self.config.memory_fraction)
         self.config.memory_shape = list(memory.bank.shape[:2])
+
+    @torch.no_grad()
+    def build_defect_memory(self, shots: list[tuple[Tensor, Tensor]]) -> None:
+        """Give the memory a bank of the real anomaly shots' defect cells ((3, H, W) image in [0, 1],
+        (H, W) type map 0 / 1..C), from each shot and its flips: in the pixel map a pixel nearer to a
+        real defect than to normal scores higher (`NormalMemory.forward`). A no-op for heads without
+        memory or without shots."""
+        memory = self.memory
+        if memory is None or not shots:
+            return
+        features = [patch_features(self.backbone_features(flipped_views(image)), memory.levels) for image, _ in shots]
+        masks = [flipped_views(type_map > 0) for _, type_map in shots]
+        memory.fill_defects(features, masks, self.config.memory_fraction)
+        self.config.defect_memory_entries = memory.defect_entries
 
     def prototype_logits(self, features: list[Tensor], like: Tensor) -> Tensor:
         """(B, C, h, w) cosine of each pixel's frozen feature to each type's prototype, over the

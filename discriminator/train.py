@@ -253,8 +253,9 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     device = resolve_device(config.device)
     model.to(device).train()
 
-    # 2. a memory head remembers the normal shots; training and calibration see it leave-one-out
-    #    because the synthetic images are painted on those very shots. The knn head's scale and
+    # 2. a memory head remembers the normal shots (and, few-shot, the real defects' cells); training
+    #    and calibration see it leave-one-out, without the defects, because the synthetic images are
+    #    painted on those very shots (and pasted from those defects). The knn head's scale and
     #    bias are then Platt-fitted on the held-out rows and frozen
     #    (after the exposure reference every image is matched to, which the memory's views go through too)
     normals = [to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))]
@@ -262,6 +263,9 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     memory = getattr(model, "memory", None)
     if memory is not None:
         model.build_memory(normals)
+        if config.defect_memory:
+            shots = data.dataset.pools.get(ANOMALY_POOL)
+            model.build_defect_memory([to_tensors(shots[i]) for i in range(len(shots))] if shots is not None else [])
         memory.leave_one_out = True
     platt = fit_memory_detection(model, data, device, config.batch_size)
 

@@ -176,3 +176,94 @@ def test_knn_head_detection_ignores_the_type_logits():
     after = model(batch)
     assert not torch.allclose(before.class_logits, after.class_logits)
     torch.testing.assert_close(after.detection_logits, before.detection_logits)
+
+
+def defect_shot(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normal-looking image with a saturated red square and its type map (type 1 on the square)."""
+    image = shots(count=3, size=size)[2]
+    type_map = torch.zeros(size, size, dtype=torch.long)
+    image[:, 8:32, 8:32] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    type_map[8:32, 8:32] = 1
+    return image, type_map
+
+
+def with_red_square(image: torch.Tensor) -> torch.Tensor:
+    test = image.clone()
+    test[:, 32:56, 32:56] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    return test
+
+
+def test_fill_defects_keeps_the_cells_mostly_inside_the_mask():
+    memory = NormalMemory(1, 4, 2, [0])
+    features = torch.zeros(1, 2, 4, 4)
+    features[0, :, 1, 1] = torch.tensor([5.0, 5.0])  # the cell under the mask
+    features[0, :, 1, 2] = torch.tensor([7.0, 7.0])  # a cell only a quarter under it
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 4:8, 4:9] = True  # all of cell (1, 1), a quarter of cell (1, 2)
+    memory.fill_defects([features], [mask])
+    assert memory.defect_entries == 1 and memory.defect_bank.tolist() == [[5.0, 5.0]]
+    assert memory.parts == ("shots", "defects")
+
+
+def test_fill_defects_falls_back_to_the_most_defect_cell_and_caps_the_bank():
+    memory = NormalMemory(1, 4, 2, [0])
+    features = torch.arange(2 * 16, dtype=torch.float32).view(1, 2, 4, 4)
+    tiny = torch.zeros(1, 16, 16, dtype=torch.bool)
+    tiny[0, 5, 5] = True  # under half of any cell
+    memory.fill_defects([features], [tiny])
+    assert memory.defect_bank.tolist() == [features[0, :, 1, 1].tolist()]
+    everything = torch.ones(1, 16, 16, dtype=torch.bool)
+    memory.fill_defects([features, features], [everything, everything], fraction=0.25)
+    assert memory.defect_entries == 4  # a quarter of one view's 16 cells, for all shots together
+
+
+def test_defect_memory_lifts_pixels_like_a_real_defect_in_the_pixel_map_only():
+    model = make_model(detection_head="knn", self_similarity=True).eval()
+    normal = shots()
+    model.build_memory(normal)
+    test = with_red_square(normal[0])[None]
+    with torch.no_grad():
+        before = model(test)
+        model.build_defect_memory([defect_shot()])
+        after = model(test)
+    assert model.config.defect_memory_entries == model.memory.defect_entries > 0
+    lift = after.detection_logits[0, 0] - before.detection_logits[0, 0]
+    assert lift.min() >= -1e-5 and lift[36:52, 36:52].mean() > 0.5  # the red square scores higher
+    assert lift[:16, :16].abs().max() < lift[36:52, 36:52].mean() / 4  # plain texture barely moves
+    torch.testing.assert_close(after.image_logits, before.image_logits)  # image scores read the shots alone
+
+
+def test_defect_memory_is_off_leave_one_out_and_in_the_one_part_ablation():
+    """Training and calibration score synthetic rows pasted from these very defects, and the ablation
+    asks what the normal shots alone say: neither may see the defect term."""
+    model = make_model(detection_head="knn").eval()
+    model.build_memory(shots())
+    test = with_red_square(shots()[0])[None]
+    memory = model.memory
+    with torch.no_grad():
+        memory.leave_one_out = True
+        plain_leave_one_out = model(test).detection_logits
+        memory.leave_one_out = False
+        plain = model(test).detection_logits
+        model.build_defect_memory([defect_shot()])
+        assert memory.parts == ("shots", "defects")
+        assert not torch.allclose(model(test).detection_logits, plain)
+        memory.leave_one_out = True
+        torch.testing.assert_close(model(test).detection_logits, plain_leave_one_out)
+        memory.leave_one_out, memory.parts = False, ("shots",)  # evaluate.detection_part=knn
+        torch.testing.assert_close(model(test).detection_logits, plain)
+
+
+def test_defect_memory_round_trips_and_older_checkpoints_load_without_it(tmp_path):
+    model = make_model(detection_head="knn").eval()
+    model.build_memory(shots())
+    old = load_as_saved_before(model, tmp_path / "old", "defect_memory_entries")
+    assert old.memory.defect_entries == 0 and "defects" not in old.memory.parts
+    model.build_defect_memory([defect_shot()])
+    model.save_pretrained(tmp_path / "new")
+    loaded = Discriminator.from_pretrained(tmp_path / "new")
+    assert loaded.config.defect_memory_entries == model.memory.defect_entries
+    assert loaded.memory.parts == model.memory.parts == ("shots", "defects")
+    test = with_red_square(shots()[0])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(test).detection_logits, model(test).detection_logits)

@@ -95,6 +95,18 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     assert model.config.memory_shape == [2, (SIZE // 8) ** 2 // 4]
     assert memory.bank.abs().sum() > 0 and memory.stats[1] > 0
     assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
+    # the manifest has a real anomaly shot per type: its defect cells form the memory's second bank
+    assert model.config.defect_memory_entries == memory.defect_entries > 0 and "defects" in memory.parts
+
+
+def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=3)
+    params.train.detection_head, params.train.defect_memory = "knn", False
+    run_train(params, dataset, manifest, root / "no_defects", show_progress=False)
+    model = Discriminator.from_pretrained(root / "no_defects")
+    assert model.config.defect_memory_entries == 0 and model.memory.defect_entries == 0
+    assert "defects" not in model.memory.parts
 
 
 def test_balanced_threshold_gives_up_a_normal_shot_and_the_floor_takes_it_back():
