@@ -227,11 +227,14 @@ class NormalMemory(nn.Module):
     def fill_defects(self, features: list[Tensor], masks: list[Tensor], fraction: float = 1.0) -> None:
         """Store the defect cells of the real anomaly shots: one (F, D, h, w) tensor of views per
         shot and its (F, H, W) defect masks. A cell counts when DEFECT_CELL_SHARE of it is defect
-        (else a shot gives its most-defect cell); a k-centre coreset keeps `fraction` of one view's
-        cells in all, as the normal bank does per shot. Registers the buffer when there was none."""
+        (else a shot gives its most-defect cell; a shot with an empty mask gives none); a k-centre
+        coreset keeps `fraction` of one view's cells in all, as the normal bank does per shot.
+        Registers the buffer when there was none."""
         cells = []
         for f, mask in zip(features, masks):
             share = F.adaptive_avg_pool2d(mask.float()[:, None].to(f.device), f.shape[-2:])[:, 0]  # (F, h, w)
+            if share.max() <= 0:
+                continue
             keep = share >= DEFECT_CELL_SHARE
             if not keep.any():
                 keep = share >= share.max()

@@ -212,6 +212,9 @@ def test_fill_defects_falls_back_to_the_most_defect_cell_and_caps_the_bank():
     tiny[0, 5, 5] = True  # under half of any cell
     memory.fill_defects([features], [tiny])
     assert memory.defect_bank.tolist() == [features[0, :, 1, 1].tolist()]
+    empty = NormalMemory(1, 4, 2, [0])
+    empty.fill_defects([features], [torch.zeros(1, 16, 16, dtype=torch.bool)])  # no defect, no cells
+    assert empty.defect_entries == 0 and "defects" not in empty.parts
     everything = torch.ones(1, 16, 16, dtype=torch.bool)
     memory.fill_defects([features, features], [everything, everything], fraction=0.25)
     assert memory.defect_entries == 4  # a quarter of one view's 16 cells, for all shots together
