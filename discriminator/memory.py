@@ -128,6 +128,11 @@ def self_reference_mask(h: int, w: int, radius: int = SELF_RADIUS, k: int = SELF
     return np.zeros_like(near), min(k, len(ref_y))
 
 
+def tracing() -> bool:
+    """True while torch.export / the ONNX exporter / torch.compile traces the model."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
 @lru_cache(maxsize=8)
 def _reference_mask_on(h: int, w: int, radius: int, k: int, step: int, device: torch.device) -> tuple[Tensor, int]:
     """`self_reference_mask` as a tensor on `device`, made once per device, not copied per batch."""
@@ -141,7 +146,11 @@ def self_distances(queries: Tensor, radius: int = SELF_RADIUS, k: int = SELF_K, 
     b, d, h, w = queries.shape
     flat = queries.flatten(2).transpose(1, 2)  # (B, h·w, D)
     refs = queries[:, :, ::step, ::step].flatten(2).transpose(1, 2)  # (B, m, D)
-    near, k = _reference_mask_on(h, w, radius, k, step, queries.device)
+    if tracing():  # a tensor made while tracing is the tracer's (fake) tensor: never cache it
+        near, k = self_reference_mask(h, w, radius, k, step)
+        near = torch.from_numpy(near).to(queries.device)
+    else:
+        near, k = _reference_mask_on(h, w, radius, k, step, queries.device)
     squared = (flat.pow(2).sum(dim=2, keepdim=True) - 2 * flat @ refs.transpose(1, 2)
                + refs.pow(2).sum(dim=2)[:, None, :])
     squared = squared.masked_fill(near, float("inf"))

@@ -149,3 +149,19 @@ def test_a_file_that_is_not_our_export_is_input_error(exported, tmp_path):
         load_inferencer(garbage)
     with pytest.raises(InputError, match="not a model"):
         load_inferencer(tmp_path)
+
+
+def test_exports_in_a_fresh_process_one_after_another(exported, tmp_path):
+    """A process whose first self-similarity call is made while exporting (`uniadc export`,
+    `bench_predict.py` exporting ONNX then OpenVINO) must not keep the tracer's tensors: the second
+    export failed with "fake tensor in the exported program constant's list"."""
+    from discriminator.memory import _reference_mask_on
+
+    _reference_mask_on.cache_clear()  # as in a fresh process
+    first = export_model(exported["model"], "onnx", tmp_path / "a.onnx")
+    second = export_model(exported["model"], "onnx", tmp_path / "b.onnx")
+    images = exported["images"]
+    a, b = OnnxInferencer(first)(images), OnnxInferencer(second)(images)
+    torch.testing.assert_close(a.anomaly_maps, b.anomaly_maps)
+    eager = Predictor(Discriminator.from_pretrained(exported["model"]), device="cpu")(images)
+    assert (a.anomaly_maps - eager.anomaly_maps).abs().max() <= ATOL
