@@ -44,8 +44,8 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
-    prototypes and, few-shot, the defect memory on, as shipped) with a filled memory and thresholds inside its value range (so
-    decisions go both ways), and its two exports."""
+    prototypes and, as a few-shot model has it, the defect memory on, as shipped) with a filled
+    memory and thresholds inside its value range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
