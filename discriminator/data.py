@@ -275,6 +275,11 @@ def to_tensors(item: LabelledImage) -> tuple[torch.Tensor, torch.Tensor]:
     return image, torch.from_numpy(np.ascontiguousarray(item.type_map)).long()
 
 
+def pool_tensors(pool: ImagePool | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every item of a pool (none when there is no pool) as `to_tensors` gives it, in order."""
+    return [] if pool is None else [to_tensors(pool[i]) for i in range(len(pool))]
+
+
 def step_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *keys]))
 

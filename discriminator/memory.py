@@ -129,8 +129,10 @@ def self_reference_mask(h: int, w: int, radius: int = SELF_RADIUS, k: int = SELF
 
 
 def tracing() -> bool:
-    """True while torch.export / the ONNX exporter / torch.compile traces the model."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    """True while torch.export / the ONNX exporter / torch.compile traces the model (the torch.compiler
+    checks are looked up: torch releases before 2.5 that pyproject.toml allows lack `is_exporting`)."""
+    compiler_checks = (getattr(torch.compiler, name, None) for name in ("is_exporting", "is_compiling"))
+    return torch.onnx.is_in_onnx_export() or any(check() for check in compiler_checks if check is not None)
 
 
 @lru_cache(maxsize=8)
@@ -248,14 +250,11 @@ class NormalMemory(nn.Module):
             if not keep.any():
                 keep = share >= share.max()
             cells.append(f.permute(0, 2, 3, 1)[keep])
-        if not cells or not any(len(c) for c in cells):
+        if not cells:
             return
         f = features[0]
         bank = k_center_coreset(torch.cat(cells).float(), max(1, round(fraction * f.shape[2] * f.shape[3])))
-        bank = bank.to(self.bank.device, self.bank.dtype)
-        if self.defect_entries:
-            del self.defect_bank
-        self.register_buffer("defect_bank", bank)
+        self.register_buffer("defect_bank", bank.to(self.bank.device, self.bank.dtype))  # replaces an earlier one
         if "defects" not in self.parts:
             self.parts = (*self.parts, "defects")
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from discriminator import losses
 from discriminator.config import TrainConfig
-from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, to_tensors
+from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, pool_tensors, to_tensors
 from discriminator.metrics import best_f1
 from discriminator.memory import FLIPS
 from discriminator.model import MemoryDetectionHead
@@ -242,7 +242,7 @@ def prototype_sources(data: TrainingData) -> list[tuple[torch.Tensor, torch.Tens
     pool = pools.get(ANOMALY_POOL)
     if pool is None or len(pool) == 0:
         pool = pools.get(SYNTHETIC_POOL)
-    return [] if pool is None else [to_tensors(pool[i]) for i in range(len(pool))]
+    return pool_tensors(pool)
 
 
 def train_discriminator(model: torch.nn.Module, data: TrainingData, config: TrainConfig,
@@ -258,14 +258,13 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     #    painted on those very shots (and pasted from those defects). The knn head's scale and
     #    bias are then Platt-fitted on the held-out rows and frozen
     #    (after the exposure reference every image is matched to, which the memory's views go through too)
-    normals = [to_tensors(data.normal_shots[i])[0] for i in range(len(data.normal_shots))]
+    normals = [image for image, _ in pool_tensors(data.normal_shots)]
     model.set_exposure_reference(normals)
     memory = getattr(model, "memory", None)
     if memory is not None:
         model.build_memory(normals)
         if config.defect_memory:
-            shots = data.dataset.pools.get(ANOMALY_POOL)
-            model.build_defect_memory([to_tensors(shots[i]) for i in range(len(shots))] if shots is not None else [])
+            model.build_defect_memory(pool_tensors(data.dataset.pools.get(ANOMALY_POOL)))
         memory.leave_one_out = True
     platt = fit_memory_detection(model, data, device, config.batch_size)
 
