@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 
 from core.errors import InputError
@@ -40,6 +41,10 @@ SIZE_CLASSES: dict[str, tuple[float, float]] = {
 
 FOREGROUND = "foreground"  # the whole foreground mask: not drawn, so it has no size class
 WHOLE_IMAGE = "whole image"  # the last fallback: the prior placed ignoring the foreground
+EDGE = "edge"  # placement suffix: "@edge" centres the shape near the foreground's border
+# an edge shape's centre lies within this share of its own radius (sqrt(area / pi)) of the border,
+# so the border cuts it and at least half of it stays on the foreground
+EDGE_BAND = 0.5
 MIN_STROKE_WIDTH = 1.5  # px: thinner strokes break into dots once rasterised
 PERLIN_ROUGHNESS = 1.5  # noise weight against the radial falloff (1 = one blob radius): higher, more ragged
 CANVAS_MARGIN = 1.25  # canvas half-size / shape reach: the field must exceed the kept level at the border
@@ -193,15 +198,18 @@ def _shape_kind(name: str) -> ShapeKind:
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """One entry of a type's prior list: a shape and optionally its size class (None = any it supports)."""
+    """One entry of a type's prior list: a shape, optionally its size class (None = any it
+    supports) and whether it sits on the foreground's edge ("polygon:small@edge": a break, a chip,
+    material missing at the rim) rather than anywhere on it."""
 
     shape: str
     size: str | None = None
+    at_edge: bool = False
 
     def __post_init__(self) -> None:
         if self.shape == FOREGROUND:
-            if self.size is not None:
-                raise InputError(f"mask prior '{self}': '{FOREGROUND}' takes no size class")
+            if self.size is not None or self.at_edge:
+                raise InputError(f"mask prior '{self}': '{FOREGROUND}' takes no size class or placement")
             return
         supported = _shape_kind(self.shape).sizes
         if self.size is not None and self.size not in supported:
@@ -212,11 +220,15 @@ class PriorSpec:
 
     @classmethod
     def parse(cls, text: str) -> "PriorSpec":
-        """"ellipse", "brush:tiny", "rectangle:small" -> spec; anything else -> InputError."""
-        shape, sep, size = str(text).strip().lower().partition(":")
+        """"ellipse", "brush:tiny", "rectangle:small", "polygon:small@edge" -> spec; anything
+        else -> InputError."""
+        body, at, placement = str(text).strip().lower().partition("@")
+        if at and placement != EDGE:
+            raise InputError(f"mask prior '{text}': unknown placement '@{placement}' (known: @{EDGE})")
+        shape, sep, size = body.partition(":")
         if sep and not size:
             raise InputError(f"mask prior '{text}': empty size class after ':'")
-        return cls(shape, size or None)
+        return cls(shape, size or None, bool(at))
 
     def sizes(self) -> tuple[str, ...]:
         """The size classes this spec may draw (none for the foreground prior)."""
@@ -225,7 +237,8 @@ class PriorSpec:
         return (self.size,) if self.size else SHAPES[self.shape].sizes
 
     def __str__(self) -> str:
-        return f"{self.shape}:{self.size}" if self.size else self.shape
+        name = f"{self.shape}:{self.size}" if self.size else self.shape
+        return f"{name}@{EDGE}" if self.at_edge else name
 
 
 def parse_priors(names: Sequence[str]) -> list[PriorSpec]:
@@ -238,8 +251,9 @@ def parse_priors(names: Sequence[str]) -> list[PriorSpec]:
 # First matching keyword rule wins: thin defects, then round ones, then diffuse surface changes.
 _DEFAULT_RULES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     # breaks and fray are areas (missing material, a rough patch), not lines, whatever the words suggest
-    (("break", "broken", "chip", "missing"), ("polygon:small", "polygon:medium", "perlin:small")),
-    (("fray", "rough"), ("perlin:medium", "perlin:large", "polygon:medium")),
+    # missing material lies at the rim of the part; fraying starts there too, or spreads over a surface
+    (("break", "broken", "chip", "missing"), ("polygon:small@edge", "polygon:medium@edge", "perlin:small@edge")),
+    (("fray", "rough"), ("perlin:medium@edge", "perlin:large", "polygon:medium@edge")),
     (("crack", "scratch", "line", "cut", "tear"), ("line", "brush:tiny", "brush:small")),
     (("hole", "spot", "dot", "pit", "bubble", "pore"), ("circle:tiny", "circle:small", "ellipse:small")),
     # a large smooth region, not the whole foreground: an all-anomalous image teaches nothing about borders
@@ -314,6 +328,13 @@ def class_area(size: str, shape_hw: tuple[int, int], rng: np.random.Generator) -
     return rng.uniform(lo, hi) * shape_hw[0] * shape_hw[1]
 
 
+def border_distance(fg: np.ndarray) -> np.ndarray:
+    """(H, W) distance in px of each foreground pixel to the nearest pixel off the foreground or
+    off the image (1 on the outermost ring); 0 off the foreground."""
+    padded = np.pad(fg.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
+
+
 SIZE_ORDER = {name: i for i, name in enumerate(SIZE_CLASSES)}
 
 
@@ -355,10 +376,10 @@ class PriorLibrary:
     ) -> np.ndarray:
         """(H, W) bool mask inside `foreground`: one spec drawn uniformly, then its size, then placed."""
         fg = self._check_foreground(foreground)
-        shape, size = self._choose(specs, rng)
+        shape, size, at_edge = self._choose(specs, rng)
         if shape == FOREGROUND:
             return fg.copy()
-        return self.place(shape, size, fg, rng, max_tries)
+        return self.place(shape, size, fg, rng, max_tries, at_edge)
 
     def sample_with_fallback(
         self,
@@ -368,13 +389,14 @@ class PriorLibrary:
         max_tries: int = 30,
     ) -> PriorDraw:
         """`sample` (same draws while the first choice fits), but a prior that cannot be placed falls
-        back to `fallback_order`, then to the first choice on the whole image, ignoring the foreground."""
+        back to `fallback_order` (placed anywhere), then to the first choice on the whole image,
+        ignoring the foreground."""
         fg = self._check_foreground(foreground)
-        shape, size = self._choose(specs, rng)
+        shape, size, at_edge = self._choose(specs, rng)
         if shape == FOREGROUND:
             return PriorDraw(fg.copy())
         try:
-            return PriorDraw(self.place(shape, size, fg, rng, max_tries))
+            return PriorDraw(self.place(shape, size, fg, rng, max_tries, at_edge))
         except PlacementError:
             pass
         first = f"{shape}:{size}"
@@ -396,13 +418,21 @@ class PriorLibrary:
         return PriorDraw(mask, f"{first} -> {WHOLE_IMAGE}")
 
     def place(
-        self, shape: str, size: str, fg: np.ndarray, rng: np.random.Generator, max_tries: int = 30
+        self, shape: str, size: str, fg: np.ndarray, rng: np.random.Generator, max_tries: int = 30,
+        at_edge: bool = False,
     ) -> np.ndarray:
-        """`shape` of a `size`-class area with most of it on `fg`, in at most `max_tries` draws."""
+        """`shape` of a `size`-class area with most of it on `fg`, in at most `max_tries` draws;
+        `at_edge`: centred within EDGE_BAND of its radius of the foreground's border (the image's
+        border counts), so the border cuts it."""
         ys, xs = np.nonzero(fg)
+        inside = border_distance(fg)[ys, xs] if at_edge else None
         for _ in range(max_tries):
             area = class_area(size, fg.shape, rng)
-            pick = int(rng.integers(len(ys)))
+            if inside is not None:
+                near = np.flatnonzero(inside <= max(1.0, EDGE_BAND * math.sqrt(area / math.pi)))
+                pick = int(near[rng.integers(len(near))])
+            else:
+                pick = int(rng.integers(len(ys)))
             center = (ys[pick] + rng.uniform(-0.5, 0.5), xs[pick] + rng.uniform(-0.5, 0.5))
             kept = draw_shape(shape, fg.shape, center, area, rng) & fg
             if kept.sum() >= max(self.min_kept_fraction * area, self.min_pixels):
@@ -413,15 +443,16 @@ class PriorLibrary:
         )
 
     @staticmethod
-    def _choose(specs: Sequence[PriorSpec], rng: np.random.Generator) -> tuple[str, str | None]:
-        """One spec drawn uniformly, then one of its size classes: (shape, size); (FOREGROUND, None)."""
+    def _choose(specs: Sequence[PriorSpec], rng: np.random.Generator) -> tuple[str, str | None, bool]:
+        """One spec drawn uniformly, then one of its size classes: (shape, size, at_edge);
+        (FOREGROUND, None, False)."""
         if not specs:
             raise InputError("no mask priors to sample from")
         spec = specs[int(rng.integers(len(specs)))]
         if spec.shape == FOREGROUND:
-            return FOREGROUND, None
+            return FOREGROUND, None, False
         sizes = spec.sizes()
-        return spec.shape, sizes[int(rng.integers(len(sizes)))]
+        return spec.shape, sizes[int(rng.integers(len(sizes)))], spec.at_edge
 
     @staticmethod
     def _check_foreground(foreground: np.ndarray) -> np.ndarray:
