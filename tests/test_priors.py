@@ -131,6 +131,8 @@ def test_parse_accepts_shape_with_or_without_size() -> None:
     assert PriorSpec.parse(" Brush:Tiny ") == PriorSpec("brush", "tiny")
     assert str(PriorSpec.parse("rectangle:small")) == "rectangle:small"
     assert PriorSpec.parse("line").sizes() == SHAPES["line"].sizes
+    assert PriorSpec.parse("polygon:small@edge") == PriorSpec("polygon", "small", at_edge=True)
+    assert str(PriorSpec.parse("Perlin@Edge")) == "perlin@edge"
 
 
 @pytest.mark.parametrize(
@@ -141,6 +143,8 @@ def test_parse_accepts_shape_with_or_without_size() -> None:
         ("ellipse:huge", "no size class 'huge'"),
         ("foreground:small", "takes no size class"),
         ("circle:", "empty size class"),
+        ("circle:small@centre", "unknown placement '@centre'"),
+        ("foreground@edge", "takes no size class or placement"),
     ],
 )
 def test_bad_prior_names_raise_input_error(text: str, problem: str) -> None:
@@ -172,6 +176,26 @@ def test_parse_priors_names_the_bad_entry() -> None:
 def test_default_priors_follow_the_type_name(anomaly_type: str, expected: set[str]) -> None:
     specs = parse_priors(default_priors_for(anomaly_type))
     assert {spec.shape for spec in specs} == expected
+
+
+def test_edge_priors_sit_on_the_foreground_border() -> None:
+    """An '@edge' shape is cut by the border of the foreground (a disk here); a free one mostly is not."""
+    fg = _disk_foreground(110, (256, 256))
+    outside_ring = ndimage.binary_dilation(fg, iterations=2) & ~fg
+
+    def touches(spec: str, seed: int) -> bool:
+        mask = PriorLibrary().sample(parse_priors([spec]), fg, np.random.default_rng(seed))
+        assert (mask & ~fg).sum() == 0
+        return bool((ndimage.binary_dilation(mask, iterations=2) & outside_ring).any())
+
+    assert all(touches("polygon:small@edge", seed) for seed in range(20))
+    assert sum(touches("polygon:small", seed) for seed in range(20)) < 10
+
+
+def test_missing_material_types_default_to_edge_priors() -> None:
+    assert all(spec.at_edge for spec in parse_priors(default_priors_for("MT_Break")))
+    assert any(spec.at_edge for spec in parse_priors(default_priors_for("fray")))
+    assert not any(spec.at_edge for spec in parse_priors(default_priors_for("crack")))
 
 
 def test_default_priors_for_an_unknown_type_are_a_broad_valid_mix() -> None:
