@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from core.errors import InputError
-from synthesis.appearance import MIN_SPREAD, Appearance
 from synthesis.backends.base import PaintRequest
 from synthesis.backends.classical import (
     FEW_SHOT_BLENDS,
@@ -247,29 +246,3 @@ def test_a_type_no_keyword_knows_gets_a_varied_mix():
         darker.append(float(candidate.image[mask].mean()) < float(image[mask].mean()))
     assert any(darker) and not all(darker)
 
-
-def test_amplitudes_follow_the_image_contrast():
-    """The same recipe paints a low-contrast surface more gently than a high-contrast one."""
-    rng = np.random.default_rng(0)
-    base = fractal_noise((SIZE, SIZE), 4, rng)
-    changes = []
-    for contrast in (40, 160):
-        image = np.repeat((base * contrast + 60).astype(np.uint8)[..., None], 3, axis=2)
-        _, mask, (candidate,) = _paint("texture", [0.6], image=image)
-        changes.append(_inside_change(candidate, image, mask))
-    assert changes[1] > 2.0 * changes[0]
-
-
-def test_light_direction_comes_from_the_image_shading():
-    """A surface lit from the right (brighter to the right) gives that direction; a flat one none."""
-    ramp = np.tile(np.linspace(40, 200, SIZE, dtype=np.float32), (SIZE, 1))
-    lit = Appearance.of(np.repeat(ramp.astype(np.uint8)[..., None], 3, axis=2))
-    assert lit.light is not None and abs(lit.light) < 0.1
-    flat = Appearance.of(np.full((SIZE, SIZE, 3), 120, np.uint8))
-    assert flat.light is None and flat.spread == MIN_SPREAD
-
-
-def test_chip_void_is_darker_than_the_darkest_surface_pixel():
-    image, mask, candidates = _paint("chip", [0.9])
-    deep = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3) >= 6
-    assert np.median(candidates[0].image[deep][:, 0]) < Appearance.of(image).low

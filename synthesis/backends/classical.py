@@ -5,10 +5,6 @@ Zero-shot, a recipe paints one kind of defect inside the mask (`RECIPES`, pure f
 reference is blended into the normal image several ways and the caller keeps the candidate closest
 to the reference (`synthesis.selection.ReferenceSSIMScorer`).
 
-Amplitudes are in units of the painted image's own contrast (`synthesis.appearance.Appearance`:
-its p2-p98 intensity spread, its darkest grey, its light direction), so a recipe paints a dark,
-low-contrast tile as plausibly as a bright print; fray grain is the image's own texture, amplified.
-
 Every candidate goes through one final composite, `np.where(mask, painted, image)`, so pixels
 outside the mask are exactly the source whatever a recipe did there. Recipes work in float32 on the
 mask's bounding box only, which keeps a 256 px image well under 20 ms.
@@ -24,7 +20,6 @@ import cv2
 import numpy as np
 
 from core.errors import InputError
-from synthesis.appearance import Appearance, own_texture
 from synthesis.backends.base import Candidate, PaintRequest
 from synthesis.noise import fractal_noise
 from synthesis.seeding import numpy_rng
@@ -37,15 +32,12 @@ Recipe = Callable[[np.ndarray, np.ndarray, float, np.random.Generator], np.ndarr
 
 @dataclass(frozen=True)
 class _Region:
-    """The mask's bounding box (plus `pad`), the float views the recipes paint on, and the whole
-    image's appearance (which sets every amplitude)."""
+    """The mask's bounding box (plus `pad`) and the float views the recipes paint on."""
 
     box: tuple[slice, slice]
     image: np.ndarray  # (h, w, 3) float32 crop of the image
     mask: np.ndarray  # (h, w) bool crop of the mask
     depth: np.ndarray  # (h, w) float32: distance to the mask border, 1 at the deepest pixel
-    look: Appearance  # of the whole image
-    source: np.ndarray  # the whole (H, W, 3) uint8 image
 
     @classmethod
     def of(cls, image: np.ndarray, mask: np.ndarray, pad: int = 2) -> "_Region":
@@ -57,8 +49,7 @@ class _Region:
         )
         crop_mask = mask[box]
         dist = _distance_inside(crop_mask)
-        depth = dist / max(float(dist.max()), 1e-6)
-        return cls(box, image[box].astype(np.float32), crop_mask, depth, Appearance.of(image), image)
+        return cls(box, image[box].astype(np.float32), crop_mask, dist / max(float(dist.max()), 1e-6))
 
     def paste(self, image: np.ndarray, painted_crop: np.ndarray) -> np.ndarray:
         """The full image with the painted crop put back (outside pixels are dropped later anyway)."""
@@ -71,17 +62,12 @@ class _Region:
         return fractal_noise(self.mask.shape, cells, rng, octaves) - 0.5
 
     def light_side(self, rng: np.random.Generator) -> np.ndarray:
-        """Where the walls of a depression in the mask face the image's light, in [0, 1] (for rim
-        highlights): the wall whose slope into the mask runs towards the light is the lit one."""
-        angle = self.look.light_angle(rng)
+        """Where the mask's walls face a random light direction, in [0, 1] (for rim highlights)."""
+        angle = rng.uniform(0, 2 * np.pi)
         gx = cv2.Sobel(self.depth, cv2.CV_32F, 1, 0, ksize=3)
         gy = cv2.Sobel(self.depth, cv2.CV_32F, 0, 1, ksize=3)
-        facing = np.clip(gx * np.cos(angle) + gy * np.sin(angle), 0, None)
+        facing = np.clip(-(gx * np.cos(angle) + gy * np.sin(angle)), 0, None)
         return facing / max(float(facing.max()), 1e-6)
-
-    def own_texture(self, rng: np.random.Generator) -> np.ndarray:
-        """Unit-variance fine texture of the image itself, from elsewhere, over the crop."""
-        return own_texture(self.source, self.box, rng)
 
 
 def _distance_inside(mask: np.ndarray) -> np.ndarray:
@@ -104,9 +90,8 @@ def texture(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random
     """A foreign procedural texture: contrasty fractal noise plus an offset of random sign."""
     region = _Region.of(image, mask)
     pattern = region.noise(rng, cells=int(rng.integers(2, 6)))
-    spread = region.look.spread
-    amplitude = strength * rng.uniform(1.2, 2.0) * spread
-    offset = strength * _sign(rng) * rng.uniform(0.15, 0.4) * spread
+    amplitude = strength * rng.uniform(120, 200)
+    offset = strength * _sign(rng) * rng.uniform(15, 40)
     delta = amplitude * pattern + offset
     return region.paste(image, region.image + delta[..., None])
 
@@ -124,9 +109,8 @@ def _pit(
     depth = region.depth ** rng.uniform(*steepness)
     dark = strength * rng.uniform(*darkness) * depth
     grain = 1.0 + 0.15 * region.noise(rng, cells=4, octaves=2)
-    spread = region.look.spread
-    rim = strength * 0.4 * spread * region.light_side(rng) * (1.0 - depth)
-    painted = region.image * (1.0 - dark * grain)[..., None] - (0.25 * spread * dark - rim)[..., None]
+    rim = strength * 40.0 * region.light_side(rng) * (1.0 - depth)
+    painted = region.image * (1.0 - dark * grain)[..., None] - (25.0 * dark - rim)[..., None]
     return region.paste(image, painted)
 
 
@@ -147,8 +131,7 @@ def _stroke(
     irregularity: float,
     highlight: float,
 ) -> np.ndarray:
-    """A line defect along the mask: dark core on its centre line, one lit edge (`highlight` of the
-    image's spread), broken-up length."""
+    """A line defect along the mask: dark core on its centre line, one lit edge, broken-up length."""
     region = _Region.of(image, mask)
     dist = _distance_inside(region.mask)
     # Normalising by the local maximum puts the core on the skeleton however the width varies.
@@ -157,9 +140,8 @@ def _stroke(
     core = np.where(region.mask, dist / np.maximum(local_max, 1e-6), 0.0).astype(np.float32)
     along = 1.0 + irregularity * 2.0 * region.noise(rng, cells=int(rng.integers(3, 8)), octaves=2)
     dark = strength * rng.uniform(*darkness) * core * np.clip(along, 0.0, 1.5)
-    spread = region.look.spread
-    edge = strength * highlight * spread * region.light_side(rng) * (1.0 - core)
-    painted = region.image * (1.0 - dark)[..., None] - (0.3 * spread * dark - edge)[..., None]
+    edge = strength * highlight * region.light_side(rng) * (1.0 - core)
+    painted = region.image * (1.0 - dark)[..., None] - (30.0 * dark - edge)[..., None]
     return region.paste(image, painted)
 
 
@@ -167,33 +149,27 @@ def chip(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.Ge
     """Missing material (a break, a chipped edge): the dark void behind the surface, a rough
     fracture texture in it and a bright broken rim on the lit side."""
     region = _Region.of(image, mask)
-    look = region.look
-    void = look.low * rng.uniform(0.1, 0.6)  # the gap shows what lies behind: darker than any surface pixel
-    fracture = void + 0.6 * look.spread * strength * region.noise(rng, cells=int(rng.integers(3, 7)))
+    void = rng.uniform(5.0, 35.0)  # the gap shows what lies behind: nearly black
+    fracture = void + 60.0 * strength * region.noise(rng, cells=int(rng.integers(3, 7)))
     # the void deepens away from the rim, so the broken face keeps some of the surface's light
     depth = np.clip(region.depth * rng.uniform(2.0, 4.0), 0.0, 1.0)[..., None]
     keep = 1.0 - min(1.0, 0.4 + strength)
     painted = region.image * keep + (1.0 - keep) * ((1.0 - depth) * region.image * 0.5 + depth * fracture[..., None])
-    rim = strength * rng.uniform(0.4, 0.9) * look.spread * region.light_side(rng) * (1.0 - depth[..., 0])
+    rim = strength * rng.uniform(40.0, 90.0) * region.light_side(rng) * (1.0 - depth[..., 0])
     return region.paste(image, painted + rim[..., None])
 
 
 def fray(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """A frayed, rough area: grain (partly the surface's own texture, amplified) and streaks along
-    one direction, lighter or darker than the surface, with a dark ragged border where it tears off."""
+    """A frayed, rough area: fine high-contrast grain and streaks along one direction, lighter or
+    darker than the surface, with a dark ragged border where the texture tears off."""
     region = _Region.of(image, mask)
-    # half the surface's own texture (coarsened), half fine noise: a surface with no grain of its own
-    # still frays
-    noise = region.noise(rng, cells=int(rng.integers(8, 16)), octaves=3)
-    coarse = cv2.GaussianBlur(region.own_texture(rng), (0, 0), float(rng.uniform(0.5, 1.5)))
-    grain = 0.5 * noise + 0.5 * float(noise.std()) * coarse / max(float(coarse.std()), 1e-6)
+    grain = region.noise(rng, cells=int(rng.integers(8, 16)), octaves=3)
     streaks = cv2.GaussianBlur(rng.normal(0.0, 1.0, region.mask.shape).astype(np.float32), (0, 0),
                                sigmaX=float(rng.uniform(0.5, 1.5)), sigmaY=float(rng.uniform(4.0, 10.0)))
     streaks /= max(float(np.abs(streaks).max()), 1e-6)
-    spread = region.look.spread
-    tone = _sign(rng) * strength * rng.uniform(0.25, 0.75) * spread
-    border = strength * 0.7 * spread * np.clip(1.0 - region.depth * 6.0, 0.0, 1.0)
-    delta = strength * rng.uniform(1.0, 1.8) * spread * (0.6 * grain + 0.4 * streaks) + tone - border
+    tone = _sign(rng) * strength * rng.uniform(20.0, 60.0)
+    border = strength * 70.0 * np.clip(1.0 - region.depth * 6.0, 0.0, 1.0)
+    delta = strength * rng.uniform(80.0, 140.0) * (0.6 * grain + 0.4 * streaks) + tone - border
     return region.paste(image, region.image + delta[..., None])
 
 
@@ -202,11 +178,10 @@ def shift(image: np.ndarray, mask: np.ndarray, strength: float, rng: np.random.G
     region = _Region.of(image, mask)
     field = 0.7 + 0.6 * region.noise(rng, cells=int(rng.integers(1, 3)), octaves=2)
     gain = _sign(rng) * strength * rng.uniform(0.3, 0.6) * field
-    spread = region.look.spread
-    painted = region.image * (1.0 + gain)[..., None] + (0.4 * spread * gain)[..., None]
+    painted = region.image * (1.0 + gain)[..., None] + (40.0 * gain)[..., None]
     if not _is_gray(image):
         tint = rng.normal(0.0, 1.0, 3)
-        painted += strength * 0.4 * spread * field[..., None] * (tint / np.linalg.norm(tint))
+        painted += strength * 40.0 * field[..., None] * (tint / np.linalg.norm(tint))
     return region.paste(image, painted)
 
 
@@ -251,8 +226,8 @@ RECIPES: dict[str, Recipe] = {
     "dark_spot": partial(_pit, darkness=(0.5, 0.8), steepness=(0.6, 1.2)),
     "hole": partial(_pit, darkness=(0.75, 0.95), steepness=(0.3, 0.6)),
     "bright_spot": bright_spot,
-    "crack": partial(_stroke, darkness=(0.7, 0.95), irregularity=0.5, highlight=0.25),
-    "scratch": partial(_stroke, darkness=(0.35, 0.6), irregularity=0.25, highlight=0.45),
+    "crack": partial(_stroke, darkness=(0.7, 0.95), irregularity=0.5, highlight=25.0),
+    "scratch": partial(_stroke, darkness=(0.35, 0.6), irregularity=0.25, highlight=45.0),
     "chip": chip,
     "fray": fray,
     "shift": shift,
