@@ -192,12 +192,6 @@ def test_edge_priors_sit_on_the_foreground_border() -> None:
     assert sum(touches("polygon:small", seed) for seed in range(20)) < 10
 
 
-def test_missing_material_types_default_to_edge_priors() -> None:
-    assert all(spec.at_edge for spec in parse_priors(default_priors_for("MT_Break")))
-    assert any(spec.at_edge for spec in parse_priors(default_priors_for("fray")))
-    assert not any(spec.at_edge for spec in parse_priors(default_priors_for("crack")))
-
-
 def test_default_priors_for_an_unknown_type_are_a_broad_valid_mix() -> None:
     specs = parse_priors(default_priors_for("weird_defect"))
     assert len({spec.shape for spec in specs}) >= 5
