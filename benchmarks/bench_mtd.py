@@ -16,7 +16,10 @@ of the detection alone (the ablation; `--no-ablation` skips it): kNN only (the d
 normal shots: what they give without synthetic data or training), self-similarity only, and the
 learned map only (`knn_residual`). Per-type rows
 (image AUROC vs the normal images, recall, pixel IoU) and balanced accuracy follow each table, and
-the stage wall times per setting.
+the stage wall times per setting. `--seeds 0 1` runs everything once per seed (other synthetic rows,
+other training draws; `<work>/seed<N>`) and adds each metric's mean and range over them: on the
+development part the seed alone moves balanced accuracy by several points, so compare a lever
+with the spread, not with one run.
 
 Synthesis resumes where it stopped; `--skip-existing` also reuses finished manifests, checkpoints
 and reports, so a rerun only prints the table.
@@ -31,6 +34,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from core.manifest import write_text_atomic
 
@@ -111,6 +116,38 @@ def ablation(config: dict) -> list[tuple[str, str]]:
     if head == "knn_residual":
         parts.append(("learned map only", "learned"))
     return parts
+
+
+def seed_args(args: argparse.Namespace, seed: int | None) -> argparse.Namespace:
+    """`args` for one run of `--seeds`: the seed as an override and, with more than one seed, its own
+    work folder (`<work>/seed<N>`), so every seed's stages are cached and resumable on their own."""
+    if seed is None:
+        return args
+    work = Path(args.work) / f"seed{seed}" if len(args.seeds) > 1 else Path(args.work)
+    return argparse.Namespace(**{**vars(args), "work": str(work), "set": [*args.set, f"seed={seed}"]})
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max) of one metric over seeds."""
+    return float(np.mean(values)), float(np.min(values)), float(np.max(values))
+
+
+def seed_table(by_seed: dict[int, dict[str, dict]], part: str) -> str:
+    """Per setting, each metric of the shipped default as mean (min–max) over the seeds: how far the
+    seed alone (other synthetic rows, other training draws) moves a figure."""
+    names = [("bAcc", "balanced_accuracy"), *METRICS]
+    head = "| setting | seeds | " + " | ".join(name for name, _ in names) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    settings = dict.fromkeys(name for results in by_seed.values() for name in results)
+    for name in settings:
+        runs = [r[name]["evaluations"][part]["default"]["metrics"] for r in by_seed.values()
+                if name in r and part in r[name]["evaluations"]]
+        cells = []
+        for _, key in names:
+            values = [100 * m[key] for m in runs if m.get(key) is not None]
+            cells.append("n/a" if not values else "{:.1f} ({:.1f}–{:.1f})".format(*spread(values)))
+        lines.append(f"| {name} | {', '.join(map(str, by_seed))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_setting(args: argparse.Namespace, setting: Setting) -> dict:
@@ -209,20 +246,32 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["full"], choices=["full", "dev"],
                         help="Test-set parts to evaluate: full (reported) and/or dev (for choosing methods).")
     parser.add_argument("--no-ablation", action="store_true", help="Evaluate the shipped detection only.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="Run everything once per seed (params' `seed`; default: params.yaml's) and print "
+                             "each metric's mean and range over them; the main tables show the first seed. "
+                             "The ablation runs for the first seed only.")
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"error: {args.data}: MTD not found (see ../shared/data/README.md)")
 
-    results = {s.name: run_setting(args, s) for s in SETTINGS if s.name in args.settings}
+    by_seed: dict[int, dict[str, dict]] = {}
+    for i, seed in enumerate(args.seeds or [None]):
+        run_args = seed_args(args, seed)
+        if i:
+            run_args.no_ablation = True
+        by_seed[seed] = {s.name: run_setting(run_args, s) for s in SETTINGS if s.name in args.settings}
+    results = next(iter(by_seed.values()))
     tables = {}
     for part in args.parts:
         where = ("the full test set" if part == "full" else
                  f"the development part (every {DEV_EVERY}rd test image in sorted path order)")
         tables[part] = table(results, part) + "\n\n" + per_type_table(results, part)
+        if len(by_seed) > 1:
+            tables[part] += "\n\nThe shipped default over seeds, mean (min–max):\n\n" + seed_table(by_seed, part)
         print(f"\nMTD (Huang, Qiu and Yuan, 'Saliency of magnetic tile surface defects'), {where}, "
               f"{args.image_size} px, classical synthesis, EfficientNet-Lite0; metrics in %\n")
         print(tables[part])
-    for name, result in results.items():
+    for name, result in results.items():  # the first seed's
         timing = ", ".join(f"{stage} {s:.0f} s" for stage, s in result["seconds"].items())
         print(f"{name}: stage wall times: {timing or 'all reused'}")
         default = [s for stage, s in result["seconds"].items() if stage in ("synthesize", "train")
@@ -230,7 +279,8 @@ def main() -> None:
         if len(default) == 3:
             print(f"{name}: synthesize + train + evaluate (full, default) {sum(default) / 60:.1f} min")
     summary = Path(args.work) / "bench_mtd.json"
-    write_text_atomic(summary, json.dumps({"tables": tables, **results}, indent=1))
+    runs = {"seeds": {str(seed): r for seed, r in by_seed.items()}} if len(by_seed) > 1 else {}
+    write_text_atomic(summary, json.dumps({"tables": tables, **results, **runs}, indent=1))
     print(f"\nsummary written to {summary}")
 
 
