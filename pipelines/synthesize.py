@@ -23,7 +23,7 @@ from synthesis.dataset import DatasetSummary, push_to_hub
 from synthesis.foreground import make_foreground
 from synthesis.priors import parse_priors
 from synthesis.render import RenderInputs, check_out_folder, finalize, prompt_choices, render
-from synthesis.selection import CandidateScorer
+from synthesis.selection import ZERO_SHOT_RULES, CandidateScorer, StrengthMixScorer
 from synthesis.shots import describe_test_set, write_shots
 
 BackendFactory = Callable[[SynthesisConfig], PaintBackend]
@@ -81,9 +81,13 @@ def build_backend(config: SynthesisConfig) -> PaintBackend:
 
 
 def build_zero_shot_scorer(config: SynthesisConfig, inputs: RenderInputs) -> CandidateScorer | None:
-    """CLIP region-vs-text when a model is configured; None lets the renderer use visibility."""
+    """CLIP region-vs-text when a model is configured; else `selection.zero_shot`'s rule (None lets
+    the renderer use visibility)."""
+    rule = config.selection.zero_shot
+    if rule not in ZERO_SHOT_RULES:
+        raise InputError(f"unknown synthesis.selection.zero_shot {rule!r} (known: {', '.join(ZERO_SHOT_RULES)})")
     if not config.selection.clip_model:
-        return None
+        return StrengthMixScorer() if rule == "strength_mix" else None
     from synthesis.clip_scoring import ClipRegionScorer  # loads transformers: only when asked for
 
     return ClipRegionScorer(

@@ -30,6 +30,9 @@ class DiffusionConfig:
 class SelectionConfig:
     clip_model: str | None = None  # local dir or Hub id; zero-shot diffusion candidates are scored with it
     local_files_only: bool = True
+    # zero-shot without CLIP: "visibility" keeps the candidate that changed the surface most;
+    # "strength_mix" keeps one strength drawn per request, so every strength is equally common
+    zero_shot: str = "visibility"
 
 
 @dataclass
