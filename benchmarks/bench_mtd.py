@@ -14,7 +14,7 @@ path order; choose methods there), `--parts dev full` on both; the full test set
 reported. With a `knn` or `knn_residual` detection head each evaluation is repeated with each part
 of the detection alone (the ablation; `--no-ablation` skips it): kNN only (the distance to the
 normal shots: what they give without synthetic data or training), self-similarity only, and the
-learned map only (`knn_residual`). Per-type rows
+learned map only (the `knn` head's learned evidence, `knn_residual`'s residual). Per-type rows
 (image AUROC vs the normal images, recall, pixel IoU) and balanced accuracy follow each table, and
 the stage wall times per setting. `--seeds 0 1` runs everything once per seed (other synthetic rows,
 other training draws; `<work>/seed<N>`) and adds each metric's mean and range over them: on the
@@ -113,7 +113,7 @@ def ablation(config: dict) -> list[tuple[str, str]]:
     parts = [("kNN only", "knn")]
     if config.get("self_similarity"):
         parts.append(("self-similarity only", "self"))
-    if head == "knn_residual":
+    if head == "knn_residual" or config.get("learned_weight"):
         parts.append(("learned map only", "learned"))
     return parts
 

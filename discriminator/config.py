@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from discriminator.memory import MEMORY_FRACTION, MEMORY_STRIDES
+from discriminator.model import LEARNED_WEIGHT
 from discriminator.predict import PIXEL_TYPES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
@@ -45,6 +46,10 @@ class TrainConfig:
     # few-shot: the memory also keeps the real anomaly shots' defect cells; a pixel nearer to them than
     # to normal scores higher in the pixel map (`discriminator.memory.DEFECT_WEIGHT`)
     defect_memory: bool = True
+    # weight of the learned type evidence (soft maximum of the type logits, standardised on the normal
+    # shots) added after training to the knn head's pixel map; the image score keeps the distance alone.
+    # 0 turns it off (`discriminator.model.LEARNED_WEIGHT`)
+    learned_weight: float = field(default=LEARNED_WEIGHT, metadata=within(0, 10))
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
     device: str = field(default="auto", metadata=device_name())  # auto: cuda when present
@@ -60,7 +65,8 @@ class EvaluateConfig:
         RULE_KEY: Rule("image or pixel", lambda v: v in PIXEL_TYPES)})
     overlays: int = field(default=16, metadata=at_least(0))  # images in the overlay grid
     # ablation: score with one part of the detection alone; null = all of it. knn: the distance to the
-    # normal shots; self: to the image's own cells (self_similarity); learned: a knn_residual's residual
+    # normal shots; self: to the image's own cells (self_similarity); learned: the knn head's learned
+    # evidence or a knn_residual's residual
     detection_part: str | None = field(default=None, metadata={
         RULE_KEY: Rule("knn, self or learned", lambda v: v in ("knn", "self", "learned"))})
     device: str = field(default="auto", metadata=device_name())

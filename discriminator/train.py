@@ -301,6 +301,7 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     #    in the config
     if config.prototypes:
         model.build_prototypes(prototype_sources(data), normals=normals)
+    model.build_learned_evidence(normals, config.learned_weight)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold

@@ -69,14 +69,16 @@ def load_checkpoint(model_dir: str | Path, manifest: Manifest, device: torch.dev
 
 def select_detection_part(model: Discriminator, part: str | None, model_dir: str | Path) -> None:
     """Ablation: score with one part of the detection alone (None: all of it). `knn`: the distance to
-    the normal shots; `self`: the distance to the image's own cells; `learned`: a knn_residual's residual."""
+    the normal shots; `self`: the distance to the image's own cells; `learned`: what training learned
+    (the `knn` head's learned evidence, a knn_residual's residual)."""
     if part is None:
         return
     head, memory = model.detection_head, model.memory
     if part == "learned":
-        if "learned" not in getattr(head, "PARTS", ()):
-            raise InputError(f"evaluate.detection_part 'learned' needs a knn_residual detection head, "
-                             f"this checkpoint has {model.config.detection_head!r}", model_dir)
+        if not getattr(head, "has_learned", False):
+            raise InputError(f"evaluate.detection_part 'learned' needs a knn_residual detection head or a knn "
+                             f"head with learned evidence (train.learned_weight > 0), this checkpoint has "
+                             f"{model.config.detection_head!r}", model_dir)
         head.parts = ("learned",)
         return
     if memory is None or (part == "self" and not memory.self_similarity):

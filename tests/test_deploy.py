@@ -44,7 +44,7 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
-    prototypes and, as a few-shot model has it, the defect memory on, as shipped) with a filled
+    prototypes, the learned evidence and, as a few-shot model has it, the defect memory on, as shipped) with a filled
     memory and thresholds inside its value range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
@@ -57,7 +57,8 @@ def exported(tmp_path_factory):
     defect = textured_images(1, seed=3, defects=True)[0]
     model.build_defect_memory([(defect, (defect[0] < 0.1).long())])
     model.build_prototypes([(defect, (defect[0] < 0.1).long())], normals=normals)
-    assert model.memory.defect_entries > 0
+    model.build_learned_evidence(normals, 0.25)
+    assert model.memory.defect_entries > 0 and model.config.learned_weight == 0.25
     images = textured_images(6, seed=2, defects=True)
     first = Predictor(model, device="cpu")(images)
     model.config.pixel_threshold = float(first.anomaly_maps.quantile(0.9))
