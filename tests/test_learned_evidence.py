@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from discriminator.memory import flipped_views
-from discriminator.model import Discriminator, learned_evidence
+from discriminator.model import LEARNED_WEIGHT, Discriminator, learned_evidence
 from pipelines.evaluate import select_detection_part
 from tests.test_memory import load_as_saved_before, make_model, shots
 
-WEIGHT = 0.25
+WEIGHT = LEARNED_WEIGHT
 
 
 def knn_model(**overrides) -> Discriminator:
