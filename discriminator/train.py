@@ -297,8 +297,9 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     # 5. type prototypes (buffers saved in the checkpoint), added to the learned type logits: each
     #    type's mean defect-region feature over the real anomaly shots (few-shot), else over the
     #    synthetic training rows (zero-shot), both sides taken from the normal shots' mean feature;
-    #    then calibrate the thresholds on held-out synthetic rows + the normal shots and store them
-    #    in the config
+    #    with train.learned_weight > 0 the knn head's pixel map then adds the learned evidence
+    #    (standardised on the normal shots), which training itself never saw; then calibrate the
+    #    thresholds on held-out synthetic rows + the normal shots and store them in the config
     if config.prototypes:
         model.build_prototypes(prototype_sources(data), normals=normals)
     model.build_learned_evidence(normals, config.learned_weight)
