@@ -282,10 +282,9 @@ class MemoryDetectionHead(NormalMemoryHead):
         return bool(self.learned_weight)
 
     def set_learned_stats(self, stats: Tensor, weight: float) -> None:
-        """Turn the learned evidence on: its [mean, std] on the normal shots and its weight."""
-        if not hasattr(self, "learned_stats"):
-            self.register_buffer("learned_stats", stats.clone())
-        self.learned_stats.copy_(stats)
+        """Turn the learned evidence on: its [mean, std] on the normal shots and its weight. Registers
+        the buffer (saved in the checkpoint), replacing an earlier one, as `fill_defects` does."""
+        self.register_buffer("learned_stats", stats.clone())
         self.learned_weight = float(weight)
 
     def evidence(self, class_logits: Tensor) -> Tensor:
