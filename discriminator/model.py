@@ -20,6 +20,8 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -286,6 +288,16 @@ class MemoryDetectionHead(NormalMemoryHead):
         the buffer (saved in the checkpoint), replacing an earlier one, as `fill_defects` does."""
         self.register_buffer("learned_stats", stats.clone())
         self.learned_weight = float(weight)
+
+    @contextmanager
+    def distance_only(self) -> Iterator[None]:
+        """Score with the distance alone for a while: thresholds are calibrated on it, as held-out
+        synthetic rows are what the learned evidence knows best (`discriminator.train.calibrate`)."""
+        saved, self.parts = self.parts, ("knn",)
+        try:
+            yield
+        finally:
+            self.parts = saved
 
     def evidence(self, class_logits: Tensor) -> Tensor:
         """(B, 1, h, w) learned evidence standardised on the normal shots: ~0 where they are."""

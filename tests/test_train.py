@@ -109,6 +109,25 @@ def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
     assert "defects" not in model.memory.parts
 
 
+def test_learned_evidence_leaves_the_calibrated_thresholds_to_the_distance(trained):
+    # the evidence is built after training, so both runs train the same weights; calibration reads
+    # the distance alone (held-out synthetic rows are what the evidence knows best), so only the
+    # maps differ, not the cuts
+    root, dataset, manifest, _ = trained
+    results, models = [], []
+    for weight in (0.0, 2.0):
+        params = tiny_params(steps=3)
+        params.train.detection_head, params.train.learned_weight = "knn", weight
+        results.append(run_train(params, dataset, manifest, root / f"learned_{weight}", show_progress=False))
+        models.append(Discriminator.from_pretrained(root / f"learned_{weight}"))
+    assert models[1].config.learned_weight == 2.0 and models[1].detection_head.has_learned
+    assert results[0].calibration.pixel_threshold == results[1].calibration.pixel_threshold
+    assert results[0].calibration.image_threshold == results[1].calibration.image_threshold
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(models[0](images).detection_logits, models[1](images).detection_logits)
+
+
 def test_balanced_threshold_gives_up_a_normal_shot_and_the_floor_takes_it_back():
     # two normals: catching four more anomalies (TPR 0.2 -> 1.0) outweighs flagging one normal (FPR 0.5)
     labels = np.array([1, 1, 1, 1, 1, 0, 0], bool)
