@@ -80,6 +80,9 @@ def main() -> None:
         "ONNX Runtime": load_inferencer(onnx_path, threads=args.threads),
         "OpenVINO": load_inferencer(openvino_path, threads=args.threads),
         "OpenVINO bf16 (opt-in)": OpenVINOInferencer(openvino_path, threads=args.threads, precision="bf16"),
+        "OpenVINO, 2 streams (opt-in)": OpenVINOInferencer(openvino_path, threads=args.threads, streams=2),
+        "OpenVINO bf16, 2 streams (opt-in)": OpenVINOInferencer(openvino_path, threads=args.threads, precision="bf16",
+                                                                streams=2),
     }
     size = predictors["PyTorch eager"].image_size
     predictors["kNN baseline"] = KnnBaseline([read_sample(s, size)[0] for s in manifest.normal_shots],

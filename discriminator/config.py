@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from discriminator.memory import MEMORY_FRACTION, MEMORY_STRIDES
+from discriminator.model import LEARNED_WEIGHT
 from discriminator.predict import PIXEL_TYPES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
@@ -46,10 +47,9 @@ class TrainConfig:
     # to normal scores higher in the pixel map (`discriminator.memory.DEFECT_WEIGHT`)
     defect_memory: bool = True
     # weight of the learned type evidence (soft maximum of the type logits, standardised on the normal
-    # shots) added after training to the knn head's pixel map; the image score keeps the distance alone.
-    # Off by default: `discriminator.model.LEARNED_WEIGHT` (0.25) lifts PRO on MTD, but on the demo's
-    # fabric its pixel threshold, calibrated on synthetic rows the evidence knows well, fell and mIoU with it
-    learned_weight: float = field(default=0.0, metadata=within(0, 10))
+    # shots) added after training to the knn head's pixel map; the image score keeps the distance alone;
+    # 0 turns it off (`discriminator.model.LEARNED_WEIGHT`: why 0.25)
+    learned_weight: float = field(default=LEARNED_WEIGHT, metadata=within(0, 10))
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
     device: str = field(default="auto", metadata=device_name())  # auto: cuda when present

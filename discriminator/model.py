@@ -51,8 +51,7 @@ FORMAT_VERSION = 1
 # script), pixel AUROC / PRO: zero-shot 79.2 / 72.1 without; weight 0.1: 79.5 / 72.5 and 79.2 / 72.5;
 # 0.25: 79.6 / 73.0 and 79.1 / 72.9; 0.5: 79.5 / 73.3 and 78.5 / 73.4; 1: 78.6 / 72.9 and 77.1 / 73.3;
 # few-shot (seed 0) 78.0 / 75.6 without, 78.1 / 75.9, 78.0 / 76.1, 77.7 / 76.1, 76.8 / 75.3. PRO
-# rises from 0.1 to 0.5 at both seeds; above 0.25 pixel AUROC falls. The weight to use when
-# `train.learned_weight` turns it on; off by default (README, lever table: the demo's mIoU).
+# rises from 0.1 to 0.5 at both seeds; above 0.25 pixel AUROC falls. `train.learned_weight`'s default.
 LEARNED_WEIGHT = 0.25
 
 

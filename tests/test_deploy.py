@@ -103,6 +103,20 @@ def test_export_matches_pytorch_within_tolerance(exported, form):
     assert torch.allclose(ours.type_mass.sum(dim=1), theirs.type_mass.sum(dim=1), rtol=1e-4, atol=1e-3)
 
 
+def test_openvino_streams_split_the_batch_and_gather_it_in_order(exported):
+    one = OpenVINOInferencer(exported["openvino"])
+    two = OpenVINOInferencer(exported["openvino"], streams=2)
+    assert len(two.requests) == 2
+    for images in (exported["images"][:5], exported["images"][:1]):  # uneven halves; fewer images than streams
+        a, b = one(images), two(images)
+        for name in ("anomaly_maps", "scores", "types", "type_maps"):
+            assert getattr(b, name).shape == getattr(a, name).shape, name
+        torch.testing.assert_close(b.anomaly_maps, a.anomaly_maps, atol=ATOL, rtol=0)
+        torch.testing.assert_close(b.scores, a.scores, atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="streams"):
+        OpenVINOInferencer(exported["openvino"], streams=0)
+
+
 def test_predict_gives_the_same_json_lines_from_every_form(exported, tmp_path):
     paths = []
     for i, image in enumerate(exported["images"][:3]):

@@ -15,7 +15,8 @@ from core.manifest import Manifest
 from discriminator.memory import FLIPS
 from discriminator.model import Discriminator
 from discriminator.predict import Predictor, images_to_tensor
-from discriminator.train import balanced_threshold, fit_platt, floored_threshold, poly_schedule, separating_threshold
+from discriminator.train import (balanced_threshold, fit_platt, floored_threshold, matched_rate_threshold, poly_schedule,
+                                 separating_threshold)
 from pipelines.config import Params
 from pipelines.train import run_train
 from tests.test_data import SIZE, TYPES, write_frozen_dataset, write_manifest
@@ -109,10 +110,10 @@ def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
     assert "defects" not in model.memory.parts
 
 
-def test_learned_evidence_leaves_the_calibrated_thresholds_to_the_distance(trained):
-    # the evidence is built after training, so both runs train the same weights; calibration reads
-    # the distance alone (held-out synthetic rows are what the evidence knows best), so only the
-    # maps differ, not the cuts
+def test_learned_evidence_leaves_the_calibrated_cuts_to_the_distance(trained):
+    # the evidence is built after training, so both runs train the same weights; calibration chooses
+    # on the distance alone (held-out synthetic rows are what the evidence knows best): the image
+    # cut and the pixel cut's F1 are the distance's, the pixel cut is carried over to the new map
     root, dataset, manifest, _ = trained
     results, models = [], []
     for weight in (0.0, 2.0):
@@ -121,11 +122,21 @@ def test_learned_evidence_leaves_the_calibrated_thresholds_to_the_distance(train
         results.append(run_train(params, dataset, manifest, root / f"learned_{weight}", show_progress=False))
         models.append(Discriminator.from_pretrained(root / f"learned_{weight}"))
     assert models[1].config.learned_weight == 2.0 and models[1].detection_head.has_learned
-    assert results[0].calibration.pixel_threshold == results[1].calibration.pixel_threshold
+    assert results[0].calibration.pixel_f1 == results[1].calibration.pixel_f1
     assert results[0].calibration.image_threshold == results[1].calibration.image_threshold
+    assert results[0].calibration.pixel_threshold != results[1].calibration.pixel_threshold
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(models[0](images).detection_logits, models[1](images).detection_logits)
+
+
+def test_matched_rate_threshold_flags_the_same_share_of_the_other_scores():
+    reference = np.arange(1000, dtype=np.float32)  # a cut at 949.5 flags 50 of them: 5 %
+    scores = np.linspace(0, 1, 2000, dtype=np.float32) ** 2  # another spread of the same pixels
+    threshold = matched_rate_threshold(reference, 949.5, scores)
+    assert np.sum(scores > threshold) == 100
+    # a cut that flags nothing stays above every score
+    assert np.sum(scores > matched_rate_threshold(reference, 5000.0, scores)) == 0
 
 
 def test_balanced_threshold_gives_up_a_normal_shot_and_the_floor_takes_it_back():

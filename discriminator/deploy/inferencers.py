@@ -89,11 +89,13 @@ class OnnxInferencer(Inferencer):
 class OpenVINOInferencer(Inferencer):
     """An exported OpenVINO folder (or its model.xml) run by OpenVINO on the CPU, in float32 unless
     `precision="bf16"` (opt-in: ~1.4x faster on CPUs with bf16 units, maps within ~0.02 of float32,
-    so an image whose score is that close to the threshold may flip)."""
+    so an image whose score is that close to the threshold may flip). With `streams` > 1 a batch is
+    split over that many concurrent inference requests (OpenVINO's throughput mode, the threads
+    shared among them): more images per second, each image no sooner."""
 
     kind = "openvino"
 
-    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32"):
+    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32", streams: int = 1):
         import openvino as ov
 
         path = Path(path)
@@ -105,22 +107,32 @@ class OpenVINOInferencer(Inferencer):
         # f32: on CPUs with bf16 units OpenVINO would otherwise pick bf16 and drift from PyTorch
         if precision not in ("f32", "bf16"):
             raise InputError(f"OpenVINO precision must be f32 or bf16, got {precision!r}", path)
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if streams < 1:
+            raise InputError(f"OpenVINO streams must be at least 1, got {streams}", path)
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT"}
+        if streams > 1:
+            config["NUM_STREAMS"] = streams
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
             self.compiled = ov.Core().compile_model(str(xml), "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for any bad file
             raise InputError(f"not a loadable OpenVINO model ({str(exc).splitlines()[0]})", path) from exc
-        self.request = self.compiled.create_infer_request()
+        self.requests = [self.compiled.create_infer_request() for _ in range(streams)]
         names = [o.get_any_name() for o in self.compiled.outputs]
         self.order = [names.index(name) for name in PREDICTION_FIELDS]
 
     def __call__(self, images: Tensor) -> Prediction:
         array = images.detach().cpu().float().numpy()
-        result = self.request.infer({INPUT_NAME: array})
-        outputs = list(result.values())
-        return self._prediction([outputs[i] for i in self.order])
+        chunks = np.array_split(array, max(1, min(len(self.requests), len(array))))
+        requests = self.requests[: len(chunks)]
+        for request, chunk in zip(requests, chunks):  # all running at once, then gathered in order
+            request.start_async({INPUT_NAME: np.ascontiguousarray(chunk)})
+        outputs = []
+        for request in requests:
+            request.wait()
+            outputs.append([request.get_output_tensor(i).data.copy() for i in self.order])
+        return self._prediction([np.concatenate(parts) for parts in zip(*outputs)])
 
 
 def load_inferencer(path: str | Path, device: str = "auto", threads: int | None = None) -> Inferencer:
