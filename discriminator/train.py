@@ -236,8 +236,9 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     seen may be flagged: zero-shot / few-shot accuracy 51.8 / 50.1 -> 59.6 / 60.4, balanced
     accuracy 39.8 / 45.8 -> 39.5 / 46.5 (`benchmarks/bench_mtd.py`)."""
     predictor = Predictor(model, device=device)
-    head = getattr(model, "detection_head", None)
-    with head.distance_only() if isinstance(head, MemoryDetectionHead) else nullcontext():
+    head = getattr(model, "detection_head", None)  # the plain knn head, when it has learned evidence
+    evidence_head = head if type(head) is MemoryDetectionHead and head.has_learned else None
+    with evidence_head.distance_only() if evidence_head else nullcontext():
         h_maps, h_masks, h_scores = score_pool(predictor, data.holdout, batch_size)
         n_maps, n_masks, n_scores = score_pool(predictor, data.normal_shots, batch_size)
     maps, masks = np.concatenate([h_maps.reshape(-1), n_maps.reshape(-1)]), np.concatenate(
@@ -247,7 +248,7 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
                               len(h_scores), len(n_scores))
     if masks.any():
         calibration.pixel_threshold, calibration.pixel_f1 = separating_threshold(masks, maps)
-        if isinstance(head, MemoryDetectionHead) and head.has_learned:
+        if evidence_head:
             with_evidence = np.concatenate([score_pool(predictor, pool, batch_size)[0].reshape(-1)
                                             for pool in (data.holdout, data.normal_shots)])
             calibration.pixel_threshold = matched_rate_threshold(
