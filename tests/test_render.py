@@ -413,6 +413,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_failure(stderr: str) -> str:
+    """Every rank's error lines and the launcher's summary: the tail alone shows only the launcher
+    and the rank left waiting at a barrier, not why the other one failed."""
+    errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join(dict.fromkeys(errors))[:3000] + "\n...\n" + stderr[-2000:]
+
+
 def launch_two_cpu_processes(script: Path) -> None:
     """`accelerate launch` a script that prints "rank R of N" as two CPU processes; assert both ran."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -422,7 +429,7 @@ def launch_two_cpu_processes(script: Path) -> None:
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            str(script)]  # fmt: skip
     done = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done.stderr)
     assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout  # really two processes
 
 
