@@ -7,13 +7,14 @@ anomalous pixels: normal pixels have no type embedding to be pulled towards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100  # cross-entropy target of normal pixels
+EVIDENCE_LOSS = 1.0  # `EvidenceObjective`'s weight in zero-shot mode (`train.evidence_loss` left unset)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class LossParts:
     focal: Tensor
     dice: Tensor
     ce: Tensor
+    evidence: Tensor = field(default_factory=lambda: torch.zeros(()))  # the learned evidence's detection loss (`EvidenceObjective`), 0 when off
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
@@ -76,3 +78,30 @@ def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeig
     ce = type_cross_entropy(class_logits, type_map)
     total = weights.focal * focal + weights.dice * dice + weights.ce * ce
     return LossParts(total=total, focal=focal, dice=dice, ce=ce)
+
+
+class EvidenceObjective(torch.nn.Module):
+    """Teaches the learned evidence (a soft maximum of the type logits) to tell defect from normal.
+
+    With the `knn` head the detection loss reaches no trained weight (the distance is frozen), so the
+    type logits learn only which type an anomalous pixel is, never that a normal pixel is none: the
+    evidence the pixel map adds separates normal from defect only by accident. This adds focal +
+    dice on `scale · evidence + bias`, so the synthetic rows' normal surroundings and the (augmented)
+    normal shots become negatives. The affine is a training device only, not saved: after training
+    the evidence is standardised on the normal shots. Its scalars get their own learning rate
+    (`SCALAR_LR`): at the network's lr AdamW moves a scalar by about lr per step.
+    """
+
+    SCALAR_LR = 0.05
+
+    def __init__(self, weight: float, weights: LossWeights = LossWeights()):
+        super().__init__()
+        self.weight, self.weights = float(weight), weights
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, evidence: Tensor, type_map: Tensor) -> Tensor:
+        """weight · (focal + dice) of (B, 1, H, W) evidence against the type map's defect mask."""
+        logits = self.scale * evidence.float() + self.bias
+        masks = (type_map > 0).unsqueeze(1).float()
+        return self.weight * (focal_loss(logits, masks, self.weights.gamma) + dice_loss(logits, masks))

@@ -25,7 +25,7 @@ from discriminator.config import TrainConfig
 from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, pool_tensors, to_tensors
 from discriminator.metrics import best_f1
 from discriminator.memory import FLIPS
-from discriminator.model import MemoryDetectionHead
+from discriminator.model import MemoryDetectionHead, learned_evidence
 from discriminator.predict import Predictor, autocast, resolve_device
 from core.manifest import write_text_atomic
 
@@ -262,6 +262,24 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     return calibration
 
 
+def evidence_objective(model: torch.nn.Module, config: TrainConfig, anomaly_shots: int) -> losses.EvidenceObjective | None:
+    """The learned evidence's own detection loss (`losses.EvidenceObjective`) when the plain `knn`
+    head will add that evidence to its pixel map and its weight is above 0; None otherwise.
+
+    Left unset, the weight is `losses.EVIDENCE_LOSS` in zero-shot mode and 0 with real anomaly shots.
+    On the MTD development part (two seeds) the objective lifted zero-shot PRO by 1.6, balanced
+    accuracy by 2.3 and mIoU by 1.3 points; with real defect shots it lifted PRO by 1.1 but cost
+    5.3 points of balanced accuracy and 2.9 of mIoU: the type logits it reshapes are what the real
+    shots' prototypes are added to, and those prototypes were then the better classifier."""
+    head = getattr(model, "detection_head", None)
+    weight = config.evidence_loss
+    if weight is None:
+        weight = 0.0 if anomaly_shots else losses.EVIDENCE_LOSS
+    if weight <= 0 or config.learned_weight <= 0 or type(head) is not MemoryDetectionHead:
+        return None
+    return losses.EvidenceObjective(weight)
+
+
 def prototype_sources(data: TrainingData) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(image, type map) pairs the type prototypes are built from: the real anomaly shots when
     there are any, else the synthetic training rows (never the held-out ones)."""
@@ -296,7 +314,13 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     platt = fit_memory_detection(model, data, device, config.batch_size)
 
     # 3. optimiser and poly schedule over the trainable parameters only (the backbone is frozen)
-    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.lr, weight_decay=config.weight_decay)
+    #    (plus, with train.evidence_loss, the scalars of the learned evidence's objective)
+    objective = evidence_objective(model, config, len(data.dataset.pools.get(ANOMALY_POOL) or ()))
+    groups = [{"params": list(model.trainable_parameters())}]
+    if objective is not None:
+        objective.to(device)
+        groups.append({"params": list(objective.parameters()), "lr": objective.SCALAR_LR, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = poly_schedule(optimizer, config.steps, config.poly_power)
 
     # 4. the fixed number of steps; every batch mixes real normals, real anomaly shots and synthetic rows
@@ -308,6 +332,9 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
         with autocast(device):
             output = model(images)
         loss = losses.discriminator_loss(output, targets)  # computed in fp32 whatever the autocast
+        if objective is not None:
+            loss.evidence = objective(learned_evidence(output.class_logits), targets)
+            loss.total = loss.total + loss.evidence
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss is {float(loss.total)} at step {step}")
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from discriminator import losses
 from discriminator.losses import LossWeights, dice_loss, discriminator_loss, focal_loss, type_cross_entropy
 from discriminator.model import DiscriminatorOutput
 
@@ -95,3 +96,18 @@ def test_mismatched_shapes_and_ids_are_rejected():
         discriminator_loss(output, torch.zeros(2, 5, 5, dtype=torch.long))
     with pytest.raises(ValueError):
         discriminator_loss(output, torch.full((2, 4, 4), 4, dtype=torch.long))  # only 3 types
+
+
+def test_evidence_objective_rewards_evidence_that_is_high_on_defects_only():
+    type_map = torch.zeros(2, 8, 8, dtype=torch.long)
+    type_map[:, 2:4, 2:5] = 3  # a defect in both images
+    defect = (type_map > 0).unsqueeze(1).float()
+    objective = losses.EvidenceObjective(weight=1.0)
+    separating = objective(8.0 * defect - 4.0, type_map)
+    inverted = objective(4.0 - 8.0 * defect, type_map)
+    assert float(separating) < 0.2 < 1.0 < float(inverted)
+    assert float(losses.EvidenceObjective(weight=0.5)(4.0 - 8.0 * defect, type_map)) == pytest.approx(0.5 * float(inverted))
+    # the gradient reaches the evidence (the type logits it comes from) and the objective's own affine
+    evidence = torch.zeros(2, 1, 8, 8, requires_grad=True)
+    objective(evidence, type_map).backward()
+    assert evidence.grad.abs().sum() > 0 and objective.bias.grad is not None

@@ -278,3 +278,20 @@ def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows()
     assert len(sources) == 2 and all(image.max() == pytest.approx(200 / 255) for image, _ in sources)
     sources = prototype_sources(zero_shot)
     assert len(sources) == 3 and all(image.max() == pytest.approx(100 / 255) for image, _ in sources)
+
+
+def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
+    # with the knn head the detection loss reaches no trained weight; the evidence objective is what
+    # makes normal pixels (the shots, the synthetic rows' surroundings) count for the type logits
+    root, dataset, manifest, _ = trained
+    logs, states = [], []
+    for weight in (0.0, 1.0):
+        params = tiny_params(steps=4)
+        params.train.detection_head, params.train.evidence_loss = "knn", weight
+        run_train(params, dataset, manifest, root / f"evidence_{weight}", show_progress=False)
+        logs.append(json.loads((root / f"evidence_{weight}" / "train_log.json").read_text())["log"])
+        states.append(Discriminator.from_pretrained(root / f"evidence_{weight}").state_dict())
+    assert all(step["evidence"] == 0.0 for step in logs[0])
+    assert all(step["evidence"] > 0.0 for step in logs[1])
+    assert states[0].keys() == states[1].keys()  # the objective's affine is a training device only
+    assert not torch.equal(states[0]["embed.weight"], states[1]["embed.weight"])
