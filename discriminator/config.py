@@ -51,9 +51,9 @@ class TrainConfig:
     # 0 turns it off (`discriminator.model.LEARNED_WEIGHT`: why 0.25)
     learned_weight: float = field(default=LEARNED_WEIGHT, metadata=within(0, 10))
     # weight of the learned evidence's own detection loss during training (`losses.EvidenceObjective`);
-    # 0: the type logits learn only the types of anomalous pixels; null: `losses.EVIDENCE_LOSS` without
-    # real anomaly shots (zero-shot) and 0 with them, as chosen on MTD (`discriminator.train.evidence_objective`)
-    evidence_loss: float | None = field(default=None, metadata=at_least(0))
+    # 0: the type logits learn only the types of anomalous pixels. Off by default: better pixel maps,
+    # but it merged similar types (`discriminator.train.evidence_objective` says where)
+    evidence_loss: float = field(default=0.0, metadata=at_least(0))
     augment: bool = True  # flips, transpose, small shifts
     photometric_augment: bool = True  # global gamma / gain / offset: test exposures vary more than the shots'
     device: str = field(default="auto", metadata=device_name())  # auto: cuda when present

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100  # cross-entropy target of normal pixels
-EVIDENCE_LOSS = 1.0  # `EvidenceObjective`'s weight in zero-shot mode (`train.evidence_loss` left unset)
 
 
 @dataclass(frozen=True)

@@ -263,9 +263,9 @@ class MemoryDetectionHead(NormalMemoryHead):
     fusion trusts the learned map as much as it deserved there. Added with a small fixed weight to
     the pixel map alone, the same evidence lifts PRO by about a point and moves pixel AUROC by a few
     tenths (see LEARNED_WEIGHT); the image score keeps the distance to the shots, where it gave
-    nothing. The paper's per-pixel type logits still decide the type. In zero-shot mode training
-    also teaches that evidence to tell defect from normal (`losses.EvidenceObjective`); without it the
-    type logits only ever see anomalous pixels.
+    nothing. The paper's per-pixel type logits still decide the type. Unless `train.evidence_loss`
+    asks training to teach that evidence to tell defect from normal (`losses.EvidenceObjective`),
+    the type logits only ever see anomalous pixels.
     """
 
     PARTS = ("knn", "learned")  # `parts` (not saved) lets an ablation score with one alone

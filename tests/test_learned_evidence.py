@@ -116,15 +116,12 @@ def test_round_trips_and_older_checkpoints_load_without_it(tmp_path):
         torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
 
 
-def test_evidence_objective_is_on_in_zero_shot_mode_unless_set():
+def test_evidence_objective_only_when_asked_and_the_knn_head_adds_the_evidence():
     from discriminator.config import TrainConfig
-    from discriminator.losses import EVIDENCE_LOSS
     from discriminator.train import evidence_objective
 
     model = knn_model()
-    assert evidence_objective(model, TrainConfig(), anomaly_shots=0).weight == EVIDENCE_LOSS
-    assert evidence_objective(model, TrainConfig(), anomaly_shots=5) is None  # real defect shots: off
-    assert evidence_objective(model, TrainConfig(evidence_loss=0.5), anomaly_shots=5).weight == 0.5
-    assert evidence_objective(model, TrainConfig(evidence_loss=0.0), anomaly_shots=0) is None
-    assert evidence_objective(model, TrainConfig(learned_weight=0.0), anomaly_shots=0) is None  # nothing adds it
-    assert evidence_objective(make_model(detection_head="mean_logit"), TrainConfig(), anomaly_shots=0) is None
+    assert evidence_objective(model, TrainConfig()) is None  # off by default
+    assert evidence_objective(model, TrainConfig(evidence_loss=0.5)).weight == 0.5
+    assert evidence_objective(model, TrainConfig(evidence_loss=1.0, learned_weight=0.0)) is None  # nothing adds it
+    assert evidence_objective(make_model(detection_head="mean_logit"), TrainConfig(evidence_loss=1.0)) is None
