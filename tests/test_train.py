@@ -42,6 +42,16 @@ def trained(tmp_path_factory):
     return root, dataset, manifest, result
 
 
+def train_knn(trained, name: str, steps: int, **train_settings):
+    """Train a `knn`-head variant on the module's dataset: (its TrainResult, its checkpoint folder)."""
+    root, dataset, manifest, _ = trained
+    params = tiny_params(steps=steps)
+    params.train.detection_head = "knn"
+    for key, value in train_settings.items():
+        setattr(params.train, key, value)
+    return run_train(params, dataset, manifest, root / name, show_progress=False), root / name
+
+
 def test_loss_decreases_on_an_easy_problem(trained):
     root, *_, result = trained
     log = json.loads((root / "model/train_log.json").read_text())
@@ -114,13 +124,11 @@ def test_learned_evidence_leaves_the_calibrated_cuts_to_the_distance(trained):
     # the evidence is built after training, so both runs train the same weights; calibration chooses
     # on the distance alone (held-out synthetic rows are what the evidence knows best): the image
     # cut and the pixel cut's F1 are the distance's, the pixel cut is carried over to the new map
-    root, dataset, manifest, _ = trained
     results, models = [], []
     for weight in (0.0, 2.0):
-        params = tiny_params(steps=3)
-        params.train.detection_head, params.train.learned_weight = "knn", weight
-        results.append(run_train(params, dataset, manifest, root / f"learned_{weight}", show_progress=False))
-        models.append(Discriminator.from_pretrained(root / f"learned_{weight}"))
+        result, out = train_knn(trained, f"learned_{weight}", steps=3, learned_weight=weight)
+        results.append(result)
+        models.append(Discriminator.from_pretrained(out))
     assert models[1].config.learned_weight == 2.0 and models[1].detection_head.has_learned
     assert results[0].calibration.pixel_f1 == results[1].calibration.pixel_f1
     assert results[0].calibration.image_threshold == results[1].calibration.image_threshold
@@ -283,14 +291,11 @@ def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows()
 def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
     # with the knn head the detection loss reaches no trained weight; the evidence objective is what
     # makes normal pixels (the shots, the synthetic rows' surroundings) count for the type logits
-    root, dataset, manifest, _ = trained
     logs, states = [], []
     for weight in (0.0, 1.0):
-        params = tiny_params(steps=4)
-        params.train.detection_head, params.train.evidence_loss = "knn", weight
-        run_train(params, dataset, manifest, root / f"evidence_{weight}", show_progress=False)
-        logs.append(json.loads((root / f"evidence_{weight}" / "train_log.json").read_text())["log"])
-        states.append(Discriminator.from_pretrained(root / f"evidence_{weight}").state_dict())
+        _, out = train_knn(trained, f"evidence_{weight}", steps=4, evidence_loss=weight)
+        logs.append(json.loads((out / "train_log.json").read_text())["log"])
+        states.append(Discriminator.from_pretrained(out).state_dict())
     assert all(step["evidence"] == 0.0 for step in logs[0])
     assert all(step["evidence"] > 0.0 for step in logs[1])
     assert states[0].keys() == states[1].keys()  # the objective's affine is a training device only
