@@ -30,7 +30,8 @@ class LossParts:
     focal: Tensor
     dice: Tensor
     ce: Tensor
-    evidence: Tensor = field(default_factory=lambda: torch.zeros(()))  # the learned evidence's detection loss (`EvidenceObjective`), 0 when off
+    # the learned evidence's detection loss (`EvidenceObjective`), 0 when off
+    evidence: Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:

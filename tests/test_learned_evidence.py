@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import InputError
+from discriminator.config import TrainConfig
 from discriminator.memory import flipped_views
 from discriminator.model import LEARNED_WEIGHT, Discriminator, learned_evidence
+from discriminator.train import evidence_objective
 from pipelines.evaluate import select_detection_part
 from tests.test_memory import load_as_saved_before, make_model, shots
 
@@ -117,9 +119,6 @@ def test_round_trips_and_older_checkpoints_load_without_it(tmp_path):
 
 
 def test_evidence_objective_only_when_asked_and_the_knn_head_adds_the_evidence():
-    from discriminator.config import TrainConfig
-    from discriminator.train import evidence_objective
-
     model = knn_model()
     assert evidence_objective(model, TrainConfig()) is None  # off by default
     assert evidence_objective(model, TrainConfig(evidence_loss=0.5)).weight == 0.5
