@@ -340,7 +340,8 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
         images_seen += len(images)
         parts = loss_parts(loss)
         log.append({"step": step, **parts, "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix({name: f"{value:.3f}" for name, value in parts.items()})
+        bar.set_postfix({name: f"{value:.3f}" for name, value in parts.items()
+                         if objective is not None or name != "evidence"})  # no evidence column when off
     seconds = time.perf_counter() - started
     model.eval()
 
