@@ -60,6 +60,12 @@ def type_cross_entropy(class_logits: Tensor, type_map: Tensor) -> Tensor:
     return total / anomalous.sum().clamp_min(1)
 
 
+def detection_terms(logits: Tensor, type_map: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """(focal, dice) of (B, 1, H, W) detection logits against the (B, H, W) type map's defect mask."""
+    masks = (type_map > 0).unsqueeze(1).float()
+    return focal_loss(logits, masks, gamma), dice_loss(logits, masks)
+
+
 def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeights()) -> LossParts:
     """Loss of a `DiscriminatorOutput` against a (B, H, W) long type map: 0 normal, 1..C anomaly types.
 
@@ -72,9 +78,7 @@ def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeig
     if int(type_map.max()) > class_logits.shape[1] or int(type_map.min()) < 0:
         raise ValueError(f"type map ids must be in 0..{class_logits.shape[1]}")
     type_map = type_map.long()
-    masks = (type_map > 0).unsqueeze(1).float()
-    focal = focal_loss(detection_logits, masks, weights.gamma)
-    dice = dice_loss(detection_logits, masks)
+    focal, dice = detection_terms(detection_logits, type_map, weights.gamma)
     ce = type_cross_entropy(class_logits, type_map)
     total = weights.focal * focal + weights.dice * dice + weights.ce * ce
     return LossParts(total=total, focal=focal, dice=dice, ce=ce)
@@ -102,6 +106,5 @@ class EvidenceObjective(torch.nn.Module):
 
     def forward(self, evidence: Tensor, type_map: Tensor) -> Tensor:
         """weight · (focal + dice) of (B, 1, H, W) evidence against the type map's defect mask."""
-        logits = self.scale * evidence.float() + self.bias
-        masks = (type_map > 0).unsqueeze(1).float()
-        return self.weight * (focal_loss(logits, masks, self.weights.gamma) + dice_loss(logits, masks))
+        focal, dice = detection_terms(self.scale * evidence.float() + self.bias, type_map, self.weights.gamma)
+        return self.weight * (focal + dice)
