@@ -381,6 +381,11 @@ class TrainingData:
     class_names: list[str]  # anomaly types, normal excluded
     category: str = ""
 
+    @property
+    def anomaly_shots(self) -> int:
+        """How many real anomaly shots training sees (0: zero-shot)."""
+        return len(self.dataset.pools[ANOMALY_POOL])
+
     def loader(self, num_workers: int = 0) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=num_workers,
                                            persistent_workers=num_workers > 0)

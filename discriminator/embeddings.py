@@ -3,7 +3,8 @@
 With a text encoder the types start from what their names mean (prompt-ensembled CLIP text
 features, frozen and stored as a buffer so a checkpoint never needs the encoder again) and only
 a linear projection into the model width is learned; without one each type is a free vector.
-Normal has no embedding: the discriminator treats it as "far from every anomaly type".
+Normal has no embedding here: the discriminator treats it as "far from every anomaly type", or
+measures each type against a normal embedding of its own (`DiscriminatorConfig.normal_embedding`).
 """
 
 from __future__ import annotations

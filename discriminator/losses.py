@@ -2,7 +2,8 @@
 
 Detection is heavily imbalanced (anomalous pixels are a few percent), hence focal loss for
 per-pixel calibration plus dice for region overlap. The type cross entropy only looks at
-anomalous pixels: normal pixels have no type embedding to be pulled towards.
+anomalous pixels (normal pixels have no type embedding to be pulled towards), unless the model
+has a normal embedding (`normal_class_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -60,16 +61,36 @@ def type_cross_entropy(class_logits: Tensor, type_map: Tensor) -> Tensor:
     return total / anomalous.sum().clamp_min(1)
 
 
+def normal_class_cross_entropy(class_logits: Tensor, type_map: Tensor) -> Tensor:
+    """C+1-way CE on every pixel, the normal class's logit fixed at 0 (type logits measured against a
+    normal embedding, `DiscriminatorConfig.normal_embedding`): the mean over anomalous pixels plus the
+    mean over normal ones, so each side weighs the same whatever share of the batch the defects cover.
+
+    Why: with C-way CE on anomalous pixels only, the type logits never learn that a normal pixel is
+    none of the types, and their soft maximum (the learned evidence) tells defect from normal only by
+    accident. Pushing normal pixels away from every type instead (`EvidenceObjective`) pulls similar
+    types together; a normal class of its own leaves room between them.
+    """
+    logits = torch.cat([torch.zeros_like(class_logits[:, :1]), class_logits], dim=1)
+    per_pixel = F.cross_entropy(logits, type_map, reduction="none")
+    anomalous = (type_map > 0).to(per_pixel.dtype)
+    normal = 1.0 - anomalous
+    return ((per_pixel * anomalous).sum() / anomalous.sum().clamp_min(1)
+            + (per_pixel * normal).sum() / normal.sum().clamp_min(1))
+
+
 def detection_terms(logits: Tensor, type_map: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     """(focal, dice) of (B, 1, H, W) detection logits against the (B, H, W) type map's defect mask."""
     masks = (type_map > 0).unsqueeze(1).float()
     return focal_loss(logits, masks, gamma), dice_loss(logits, masks)
 
 
-def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeights()) -> LossParts:
+def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeights(),
+                       normal_class: bool = False) -> LossParts:
     """Loss of a `DiscriminatorOutput` against a (B, H, W) long type map: 0 normal, 1..C anomaly types.
 
-    The type map carries both targets: detection mask = type_map > 0, type id = type_map - 1.
+    The type map carries both targets: detection mask = type_map > 0, type id = type_map - 1. With
+    `normal_class` the type loss is C+1-way on every pixel (`normal_class_cross_entropy`).
     Computed in fp32 whatever the autocast dtype of the logits.
     """
     class_logits, detection_logits = output.class_logits.float(), output.detection_logits.float()
@@ -79,7 +100,7 @@ def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeig
         raise ValueError(f"type map ids must be in 0..{class_logits.shape[1]}")
     type_map = type_map.long()
     focal, dice = detection_terms(detection_logits, type_map, weights.gamma)
-    ce = type_cross_entropy(class_logits, type_map)
+    ce = (normal_class_cross_entropy if normal_class else type_cross_entropy)(class_logits, type_map)
     total = weights.focal * focal + weights.dice * dice + weights.ce * ce
     return LossParts(total=total, focal=focal, dice=dice, ce=ce)
 

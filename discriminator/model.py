@@ -2,10 +2,12 @@
 
 Frozen backbone levels -> per-level necks (1x1 conv) -> top-down fusion (upsample coarser, add
 finer, 3x3 conv) -> a per-pixel embedding at the finest used level. Class logits are cosine
-similarities between L2-normalised pixel and type embeddings over a learned temperature. There
-is no "normal" embedding: a pixel is normal when it resembles no anomaly type, so the default
-detection logit is the mean of the class logits (the paper's implicit-normal design); the `memory`
-head adds a kNN distance to the real normal shots' features (`discriminator.memory`).
+similarities between L2-normalised pixel and type embeddings over a learned temperature. In the
+paper there is no "normal" embedding: a pixel is normal when it resembles no anomaly type, so the
+`mean_logit` detection logit is the mean of the class logits (the implicit-normal design); the
+`memory` and `knn` heads add a kNN distance to the real normal shots' features
+(`discriminator.memory`). With `normal_embedding` each type logit is measured against a learned
+normal embedding instead, and training teaches normal pixels to be none of the types.
 
 A checkpoint is a directory with `config.json` (everything needed to rebuild, including the
 backbone architecture) and `model.safetensors` holding ALL weights, the frozen backbone
@@ -95,6 +97,9 @@ class DiscriminatorConfig:
     defect_memory_entries: int = 0
     # weight of the learned type evidence in the `knn` head's pixel map; set by build_learned_evidence, 0 = none
     learned_weight: float = 0.0
+    # a learned normal embedding: each type logit is measured against it (`Discriminator.embed_and_type`)
+    # and training's type loss becomes C+1-way on every pixel (`losses.normal_class_cross_entropy`)
+    normal_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -391,6 +396,8 @@ class Discriminator(nn.Module):
             self.fusion = TopDownFusion([self.backbone.channels[i] for i in self.levels], config.width)
             self.embed = nn.Conv2d(config.width, config.width, 1)
             self.detection_head = DETECTION_HEADS[config.detection_head](config, self.backbone)
+            if config.normal_embedding:
+                self.normal_embedding = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
         if (type_embeddings.num_types, type_embeddings.dim) != (num_types, config.width):
             raise InputError(
                 f"type embeddings are {type_embeddings.num_types}x{type_embeddings.dim}, "
@@ -447,7 +454,11 @@ class Discriminator(nn.Module):
         fused = self.fusion([features[i].to(self.embed.weight.dtype) for i in self.levels])
         pixels = F.normalize(self.embed(fused), dim=1)
         types = F.normalize(self.type_embeddings(), dim=-1)
-        class_logits = torch.einsum("bdhw,cd->bchw", pixels, types) / self.temperature
+        similarity = torch.einsum("bdhw,cd->bchw", pixels, types)
+        if self.config.normal_embedding:  # each type against normal: a logit > 0 means "more this type than normal"
+            normal = F.normalize(self.normal_embedding, dim=-1)
+            similarity = similarity - torch.einsum("bdhw,d->bhw", pixels, normal).unsqueeze(1)
+        class_logits = similarity / self.temperature
         if self.config.prototypes:
             class_logits = class_logits + self.prototype_logits(features, class_logits)
         return features, fused, class_logits

@@ -327,7 +327,8 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device):
             output = model(images)
-        loss = losses.discriminator_loss(output, targets)  # computed in fp32 whatever the autocast
+        # computed in fp32 whatever the autocast
+        loss = losses.discriminator_loss(output, targets, normal_class=model.config.normal_embedding)
         if objective is not None:
             loss.evidence = objective(learned_evidence(output.class_logits), targets)
             loss.total = loss.total + loss.evidence

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from discriminator.backbones import normalise_spec
+from discriminator.config import uses_normal_embedding
 from discriminator.data import build_training_data
 from discriminator.model import Discriminator, DiscriminatorConfig
 from discriminator.predict import resolve_device
@@ -19,8 +20,9 @@ from pipelines.hub import resolve_dataset
 from core.manifest import Manifest
 
 
-def model_config(params: Params, category: str, class_names: list[str]) -> DiscriminatorConfig:
-    """The discriminator's architecture from params.yaml and the data's category and types."""
+def model_config(params: Params, category: str, class_names: list[str], anomaly_shots: int = 0) -> DiscriminatorConfig:
+    """The discriminator's architecture from params.yaml and the data's category, types and number of
+    real anomaly shots."""
     train = params.train
     backbone = normalise_spec(train.backbone)
     if train.backbone_layers is not None:
@@ -34,6 +36,7 @@ def model_config(params: Params, category: str, class_names: list[str]) -> Discr
         memory_fraction=train.memory_fraction,
         self_similarity=train.self_similarity,
         exposure_match=train.exposure_match,
+        normal_embedding=uses_normal_embedding(train.normal_embedding, anomaly_shots),
         detection_head=train.detection_head,
         text_encoder=train.text_encoder,
         image_size=params.image_size,
@@ -52,7 +55,7 @@ def run_train(params: Params, dataset: str | Path, manifest_path: str | Path | N
     manifest = Manifest.load(manifest_path) if manifest_path is not None else None
     data = build_training_data(resolve_dataset(dataset), manifest, params.train, params.image_size, params.seed)
     # 2. the model (frozen backbone + trainable head)
-    model = Discriminator(model_config(params, data.category, data.class_names),
+    model = Discriminator(model_config(params, data.category, data.class_names, data.anomaly_shots),
                           local_files_only=params.train.local_files_only)
     # 3. train, calibrate, save
     return train_discriminator(model, data, params.train, out_dir, show_progress=show_progress)

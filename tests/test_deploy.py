@@ -44,12 +44,14 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
-    prototypes, the learned evidence and, as a few-shot model has it, the defect memory on, as shipped) with a filled
-    memory and thresholds inside its value range (so decisions go both ways), and its two exports."""
+    prototypes, the learned evidence and, as a few-shot model has it, the defect memory on, as shipped;
+    and the zero-shot model's normal embedding) with a filled memory and thresholds inside its value
+    range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
-                                 detection_head="knn", self_similarity=True, exposure_match=True, image_top_k=20)
+                                 detection_head="knn", self_similarity=True, exposure_match=True, image_top_k=20,
+                                 normal_embedding=True)
     model = Discriminator(config).eval()
     normals = list(textured_images(2, seed=1, defects=False))
     model.set_exposure_reference(normals)

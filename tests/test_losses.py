@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from discriminator import losses
-from discriminator.losses import LossWeights, dice_loss, discriminator_loss, focal_loss, type_cross_entropy
+from discriminator.losses import (LossWeights, dice_loss, discriminator_loss, focal_loss, normal_class_cross_entropy,
+                                  type_cross_entropy)
 from discriminator.model import DiscriminatorOutput
 
 
@@ -96,6 +97,36 @@ def test_mismatched_shapes_and_ids_are_rejected():
         discriminator_loss(output, torch.zeros(2, 5, 5, dtype=torch.long))
     with pytest.raises(ValueError):
         discriminator_loss(output, torch.full((2, 4, 4), 4, dtype=torch.long))  # only 3 types
+
+
+def test_normal_class_cross_entropy_weighs_normal_and_anomalous_pixels_alike():
+    torch.manual_seed(0)
+    class_logits = torch.randn(1, 3, 2, 2)
+    type_map = torch.tensor([[[0, 2], [0, 0]]])  # one anomalous pixel (type 2), three normal ones
+    with_normal = torch.cat([torch.zeros(1, 1, 2, 2), class_logits], dim=1)  # the normal logit is 0
+    per_pixel = F.cross_entropy(with_normal, type_map, reduction="none")[0]
+    expected = per_pixel[0, 1] + (per_pixel[0, 0] + per_pixel[1, 0] + per_pixel[1, 1]) / 3
+    assert normal_class_cross_entropy(class_logits, type_map).item() == pytest.approx(expected.item(), rel=1e-6)
+    # unlike the C-way loss, a normal pixel that looks like a type costs more
+    changed = class_logits.clone()
+    changed[:, :, 0, 0] += 5.0
+    assert normal_class_cross_entropy(changed, type_map) > normal_class_cross_entropy(class_logits, type_map) + 1.0
+    # and the loss is finite and only the normal part without anomalous pixels
+    normal_only = torch.zeros_like(type_map)
+    expected_normal = F.cross_entropy(with_normal, normal_only)
+    assert normal_class_cross_entropy(class_logits, normal_only).item() == pytest.approx(expected_normal.item(),
+                                                                                         rel=1e-6)
+
+
+def test_discriminator_loss_takes_the_normal_class_cross_entropy_when_asked():
+    output = make_output()
+    type_map = torch.zeros(2, 4, 4, dtype=torch.long)
+    type_map[0, :2, :2] = 2
+    plain, with_normal = discriminator_loss(output, type_map), discriminator_loss(output, type_map, normal_class=True)
+    assert plain.ce.item() == pytest.approx(type_cross_entropy(output.class_logits, type_map).item(), rel=1e-6)
+    assert with_normal.ce.item() == pytest.approx(
+        normal_class_cross_entropy(output.class_logits, type_map).item(), rel=1e-6)
+    assert with_normal.focal.item() == pytest.approx(plain.focal.item())
 
 
 def test_evidence_objective_rewards_evidence_that_is_high_on_defects_only():

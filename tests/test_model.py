@@ -65,6 +65,28 @@ def test_output_shapes_and_mean_logit_detection(model):
     assert out.class_logits.abs().max() <= 1 / 0.07 + 1e-4
 
 
+def test_normal_embedding_measures_each_type_logit_against_normal(tmp_path):
+    plain = Discriminator(make_config()).eval()
+    with_normal = Discriminator(make_config(normal_embedding=True)).eval()
+    # the same seed gives the same shared weights; the normal embedding is one more trainable vector
+    assert set(with_normal.state_dict()) - set(plain.state_dict()) == {"normal_embedding"}
+    with_normal.load_state_dict({**plain.state_dict(), "normal_embedding": with_normal.normal_embedding.detach()})
+    x = images()
+    with torch.no_grad():
+        _, fused, _ = plain.embed_and_type(x)
+        pixels = torch.nn.functional.normalize(plain.embed(fused), dim=1)
+        normal = torch.nn.functional.normalize(with_normal.normal_embedding, dim=0)
+        shift = torch.einsum("bdhw,d->bhw", pixels, normal).unsqueeze(1) / plain.temperature
+        assert torch.allclose(with_normal.embed_and_type(x)[2], plain.embed_and_type(x)[2] - shift, atol=1e-5)
+    # the per-pixel shift leaves the type ranking alone; the checkpoint keeps the embedding
+    out_plain, out_normal = plain(x), with_normal(x)
+    assert torch.equal(out_plain.class_logits.argmax(1), out_normal.class_logits.argmax(1))
+    with_normal.save_pretrained(tmp_path / "ckpt")
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.normal_embedding
+    assert_same_outputs(with_normal, loaded)
+
+
 def test_conv_detection_head_and_level_subset():
     model = Discriminator(make_config(detection_head="conv", levels=[1, 2])).eval()
     out = model(images(size=48))

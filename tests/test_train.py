@@ -3,13 +3,15 @@ round-trips, and `train` reruns alone (and identically) from the frozen dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from discriminator.config import EvaluateConfig, TrainConfig
+from discriminator.config import NORMAL_EMBEDDING, EvaluateConfig, TrainConfig, uses_normal_embedding
 from core.images import read_sample
 from core.manifest import Manifest
 from discriminator.memory import FLIPS
@@ -286,6 +288,25 @@ def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows()
     assert len(sources) == 2 and all(image.max() == pytest.approx(200 / 255) for image, _ in sources)
     sources = prototype_sources(zero_shot)
     assert len(sources) == 3 and all(image.max() == pytest.approx(100 / 255) for image, _ in sources)
+
+
+def test_normal_embedding_is_trained_and_saved(trained):
+    root, *_ = trained  # the module's checkpoint: real anomaly shots, so `auto` left it out
+    assert json.loads((root / "model/config.json").read_text())["normal_embedding"] is False
+    result, out = train_knn(trained, "normal_embedding", steps=4, normal_embedding="always")
+    model = Discriminator.from_pretrained(out)
+    assert model.config.normal_embedding and math.isfinite(result.final_loss)
+    untrained = Discriminator(dataclasses.replace(model.config))  # the same seed's initial weights
+    assert not torch.equal(model.normal_embedding, untrained.normal_embedding)
+
+
+def test_auto_normal_embedding_only_without_real_anomaly_shots(tmp_path):
+    assert [uses_normal_embedding(s, 0) for s in NORMAL_EMBEDDING] == [True, True, False]
+    assert [uses_normal_embedding(s, 5) for s in NORMAL_EMBEDDING] == [False, True, False]
+    dataset = write_frozen_dataset(tmp_path / "synthetic", rows=8)
+    manifest = write_manifest(tmp_path / "prepared", anomaly_shots=0)
+    run_train(tiny_params(steps=2), dataset, manifest, tmp_path / "model", show_progress=False)
+    assert Discriminator.from_pretrained(tmp_path / "model").config.normal_embedding
 
 
 def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
