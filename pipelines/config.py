@@ -92,6 +92,9 @@ def build_dataclass(cls, data, source: str | None, where: str):
         raise InputError(
             f"unknown key `{_join(where, unknown[0])}` (known: {', '.join(sorted(names))})", source
         )
+    for key, value in data.items():
+        if hints[key] is str:  # a named choice: `true` for `auto | always | never` gets the choices, not "str"
+            check_value(cls, key, value, source, _join(where, key))
     kwargs = {key: _coerce(hints[key], value, source, _join(where, key)) for key, value in data.items()}
     for f in dataclasses.fields(cls):
         if f.name in kwargs:

@@ -82,6 +82,9 @@ def test_bad_params_name_the_file_and_key(tmp_path, text, fragment):
         ("synthesis.images_per_type", 0, "`synthesis.images_per_type` must be >= 1, got 0"),
         ("evaluate.image_top_k", 0, "`evaluate.image_top_k` must be >= 1, got 0"),
         ("data.k_normal", 0, "`data.k_normal` must be >= 1, got 0"),
+        # a named choice written as a YAML boolean gets the choices, not "must be str"
+        ("train.normal_embedding", True, "`train.normal_embedding` must be auto, always or never, got True"),
+        ("train.device", 1, "`train.device` must be a device name"),
     ],
 )
 def test_values_out_of_range_name_the_file_and_key(tmp_path, key, value, fragment):
