@@ -111,7 +111,7 @@ def test_normal_class_cross_entropy_weighs_normal_and_anomalous_pixels_alike():
     changed = class_logits.clone()
     changed[:, :, 0, 0] += 5.0
     assert normal_class_cross_entropy(changed, type_map) > normal_class_cross_entropy(class_logits, type_map) + 1.0
-    # and the loss is finite and only the normal part without anomalous pixels
+    # without anomalous pixels only the normal part is left
     normal_only = torch.zeros_like(type_map)
     expected_normal = F.cross_entropy(with_normal, normal_only)
     assert normal_class_cross_entropy(class_logits, normal_only).item() == pytest.approx(expected_normal.item(),
