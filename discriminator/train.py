@@ -279,11 +279,7 @@ def evidence_objective(model: torch.nn.Module, config: TrainConfig) -> losses.Ev
 def prototype_sources(data: TrainingData) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(image, type map) pairs the type prototypes are built from: the real anomaly shots when
     there are any, else the synthetic training rows (never the held-out ones)."""
-    pools = data.dataset.pools
-    pool = pools.get(ANOMALY_POOL)
-    if pool is None or len(pool) == 0:
-        pool = pools.get(SYNTHETIC_POOL)
-    return pool_tensors(pool)
+    return pool_tensors(data.dataset.pools[ANOMALY_POOL if data.anomaly_shots else SYNTHETIC_POOL])
 
 
 def train_discriminator(model: torch.nn.Module, data: TrainingData, config: TrainConfig,

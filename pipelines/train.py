@@ -20,7 +20,7 @@ from pipelines.hub import resolve_dataset
 from core.manifest import Manifest
 
 
-def model_config(params: Params, category: str, class_names: list[str], anomaly_shots: int = 0) -> DiscriminatorConfig:
+def model_config(params: Params, category: str, class_names: list[str], anomaly_shots: int) -> DiscriminatorConfig:
     """The discriminator's architecture from params.yaml and the data's category, types and number of
     real anomaly shots."""
     train = params.train

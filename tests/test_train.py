@@ -282,8 +282,10 @@ def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows()
                                     for _ in range(n)])
 
     real, synthetic = pool(200, 2), pool(100, 3)
-    few_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: real, SYNTHETIC_POOL: synthetic}))
-    zero_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: pool(0, 0), SYNTHETIC_POOL: synthetic}))
+    few_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: real, SYNTHETIC_POOL: synthetic}),
+                               anomaly_shots=len(real))
+    zero_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: pool(0, 0), SYNTHETIC_POOL: synthetic}),
+                                anomaly_shots=0)
     sources = prototype_sources(few_shot)
     assert len(sources) == 2 and all(image.max() == pytest.approx(200 / 255) for image, _ in sources)
     sources = prototype_sources(zero_shot)
