@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from discriminator.memory import MEMORY_FRACTION, MEMORY_STRIDES
-from discriminator.model import LEARNED_WEIGHT
+from discriminator.model import IMAGE_EVIDENCE_WEIGHT, LEARNED_WEIGHT
 from discriminator.predict import PIXEL_TYPES
 from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 
@@ -47,9 +47,11 @@ class TrainConfig:
     # to normal scores higher in the pixel map (`discriminator.memory.DEFECT_WEIGHT`)
     defect_memory: bool = True
     # weight of the learned type evidence (soft maximum of the type logits, standardised on the normal
-    # shots) added after training to the knn head's pixel map; the image score keeps the distance alone;
-    # 0 turns it off (`discriminator.model.LEARNED_WEIGHT`: why 0.25)
+    # shots) added after training to the knn head's pixel map; 0 turns it off (`discriminator.model.LEARNED_WEIGHT`)
     learned_weight: float = field(default=LEARNED_WEIGHT, metadata=within(0, 10))
+    # weight of what of that evidence exceeds its maximum on the normal shots, in the image score; 0: the
+    # image score reads the distance alone (`discriminator.model.IMAGE_EVIDENCE_WEIGHT`)
+    image_evidence_weight: float = field(default=IMAGE_EVIDENCE_WEIGHT, metadata=within(0, 10))
     # weight of the learned evidence's own detection loss during training (`losses.EvidenceObjective`);
     # 0: the type logits learn only the types of anomalous pixels. Off by default: better pixel maps,
     # but it merged similar types (`discriminator.train.evidence_objective` says where)

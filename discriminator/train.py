@@ -222,12 +222,14 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     """Pixel threshold: F1-max over held-out synthetic pixels + normal-shot pixels (segmentation's
     usual criterion); image threshold: max balanced accuracy over their image scores, but never
     below the score of a flipped normal shot. Without held-out anomalies the config's values are kept.
-    Both are chosen on the `knn` head's distance without its learned evidence (`distance_only`),
-    which the image score never reads. Held-out synthetic rows are what the evidence knows best: a
-    pixel cut F1-fitted to the map with it fell on the demo's fabric from 0.105 to 0.037 and real
-    defects overgrew (mIoU 31 -> 24). The distance's cut is carried over to the map with the
-    evidence at the same rate of flagged non-defect pixels (`matched_rate_threshold`): the evidence
-    widens the normal pixels' spread, and the same cut then overgrew the demo's defects too.
+    The pixel cut is chosen on the `knn` head's distance without its learned evidence
+    (`distance_only`). Held-out synthetic rows are what the evidence knows best: a pixel cut
+    F1-fitted to the map with it fell on the demo's fabric from 0.105 to 0.037 and real defects
+    overgrew (mIoU 31 -> 24). The distance's cut is carried over to the map with the evidence at the
+    same rate of flagged non-defect pixels (`matched_rate_threshold`): the evidence widens the
+    normal pixels' spread, and the same cut then overgrew the demo's defects too. The image
+    threshold is chosen on the image scores prediction reads, with the evidence; on the shots' views
+    it adds nothing (`Discriminator.build_learned_evidence`), so the floor is the distance's.
 
     Why the floor: with two normal shots, balanced accuracy moves in steps of 1/2 on the normal
     side, so it readily gives up one shot to catch a few more synthetic defects, and real normal
@@ -246,11 +248,13 @@ def calibrate(model: torch.nn.Module, data: TrainingData, device: torch.device, 
     image_labels = np.r_[h_masks.reshape(len(h_masks), -1).any(axis=1), np.zeros(len(n_scores), bool)]
     calibration = Calibration(predictor.pixel_threshold, predictor.image_threshold, None, None,
                               len(h_scores), len(n_scores))
+    if evidence_head:  # what prediction reads: the maps and image scores with the evidence
+        (h_evidence_maps, _, h_scores), (n_evidence_maps, _, n_scores) = (
+            score_pool(predictor, pool, batch_size) for pool in (data.holdout, data.normal_shots))
     if masks.any():
         calibration.pixel_threshold, calibration.pixel_f1 = separating_threshold(masks, maps)
         if evidence_head:
-            with_evidence = np.concatenate([score_pool(predictor, pool, batch_size)[0].reshape(-1)
-                                            for pool in (data.holdout, data.normal_shots)])
+            with_evidence = np.concatenate([h_evidence_maps.reshape(-1), n_evidence_maps.reshape(-1)])
             calibration.pixel_threshold = matched_rate_threshold(
                 maps[~masks], calibration.pixel_threshold, with_evidence[~masks])
     if image_labels.any():
@@ -350,7 +354,7 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     #    thresholds on held-out synthetic rows + the normal shots and store them in the config
     if config.prototypes:
         model.build_prototypes(prototype_sources(data), normals=normals)
-    model.build_learned_evidence(normals, config.learned_weight)
+    model.build_learned_evidence(normals, config.learned_weight, config.image_evidence_weight)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)
     model.config.pixel_threshold = calibration.pixel_threshold

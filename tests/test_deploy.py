@@ -44,7 +44,7 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
-    prototypes, the learned evidence and, as a few-shot model has it, the defect memory on, as shipped;
+    prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory on, as shipped;
     and the zero-shot model's normal embedding) with a filled memory and thresholds inside its value
     range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
@@ -59,8 +59,9 @@ def exported(tmp_path_factory):
     defect = textured_images(1, seed=3, defects=True)[0]
     model.build_defect_memory([(defect, (defect[0] < 0.1).long())])
     model.build_prototypes([(defect, (defect[0] < 0.1).long())], normals=normals)
-    model.build_learned_evidence(normals, 0.25)
+    model.build_learned_evidence(normals, 0.25, image_weight=1.0)
     assert model.memory.defect_entries > 0 and model.config.learned_weight == 0.25
+    assert model.config.image_evidence_weight == 1.0
     images = textured_images(6, seed=2, defects=True)
     first = Predictor(model, device="cpu")(images)
     model.config.pixel_threshold = float(first.anomaly_maps.quantile(0.9))

@@ -48,7 +48,7 @@ def test_stats_are_those_of_the_normal_shots_and_their_flips():
 
 
 @pytest.mark.parametrize("self_similarity", [False, True])
-def test_evidence_adds_to_the_pixel_map_only(self_similarity):
+def test_without_an_image_weight_the_evidence_adds_to_the_pixel_map_only(self_similarity):
     model = knn_model(self_similarity=self_similarity)
     batch = torch.stack(shots(3))
     with torch.no_grad():
@@ -63,6 +63,31 @@ def test_evidence_adds_to_the_pixel_map_only(self_similarity):
     # self-similarity, the old single map)
     old_image = before.image_logits if self_similarity else before.detection_logits
     torch.testing.assert_close(after.image_logits, old_image)
+
+
+@pytest.mark.parametrize("self_similarity", [False, True])
+def test_image_map_adds_the_evidence_above_its_maximum_on_the_shots(self_similarity):
+    model = knn_model(self_similarity=self_similarity)
+    normal, others = shots(), torch.stack(shots(4)[2:])
+    with torch.no_grad():
+        views = torch.cat([flipped_views(shot) for shot in normal])
+        before = model(others)
+        before_views = model(views)
+        model.build_learned_evidence(normal, WEIGHT, image_weight=2.0)
+        head = model.detection_head
+        evidence = learned_evidence(model.embed_and_type(views)[2])
+        after = model(others)
+        after_views = model(views)
+        z = head.evidence(model.embed_and_type(others)[2])
+    assert model.config.image_evidence_weight == 2.0
+    torch.testing.assert_close(head.evidence_ceiling, (evidence.max() - evidence.mean()) / evidence.std())
+    old_image = before.image_logits if self_similarity else before.detection_logits
+    lift = F.interpolate(head.scale * 2.0 * (z - head.evidence_ceiling).clamp_min(0), size=others.shape[-2:],
+                         mode="bilinear", align_corners=False)
+    torch.testing.assert_close(after.image_logits, old_image + lift, atol=1e-4, rtol=0)
+    # the shots' own views never exceed the maximum: their image scores, the threshold's floor, stay
+    old_views = before_views.image_logits if self_similarity else before_views.detection_logits
+    torch.testing.assert_close(after_views.image_logits, old_views, atol=1e-5, rtol=0)
 
 
 def test_ablation_scores_with_either_part_alone():
@@ -93,8 +118,9 @@ def test_ablation_scores_with_either_part_alone():
 
 def test_weight_zero_and_other_heads_leave_the_model_as_it_was():
     model = knn_model()
-    model.build_learned_evidence(shots(), 0.0)
+    model.build_learned_evidence(shots(), 0.0, image_weight=1.0)
     assert model.config.learned_weight == 0.0 and not hasattr(model.detection_head, "learned_stats")
+    assert model.config.image_evidence_weight == 0.0 and not hasattr(model.detection_head, "evidence_ceiling")
     residual = make_model(detection_head="knn_residual").eval()
     residual.build_memory(shots())
     residual.build_learned_evidence(shots(), WEIGHT)
@@ -111,11 +137,19 @@ def test_round_trips_and_older_checkpoints_load_without_it(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(old(batch).detection_logits, plain)
         model.build_learned_evidence(shots(), WEIGHT)
+        pixel_only = model(batch)
+    older = load_as_saved_before(model, tmp_path / "older", "image_evidence_weight")
+    assert older.config.image_evidence_weight == 0.0 and not hasattr(older.detection_head, "evidence_ceiling")
+    with torch.no_grad():
+        torch.testing.assert_close(older(batch).image_logits, pixel_only.image_logits)
+        model.build_learned_evidence(shots(), WEIGHT, image_weight=1.0)
     model.save_pretrained(tmp_path / "new")
     loaded = Discriminator.from_pretrained(tmp_path / "new")
-    assert loaded.config.learned_weight == WEIGHT
+    assert (loaded.config.learned_weight, loaded.config.image_evidence_weight) == (WEIGHT, 1.0)
+    torch.testing.assert_close(loaded.detection_head.evidence_ceiling, model.detection_head.evidence_ceiling)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).detection_logits, model(batch).detection_logits)
+        for name in ("detection_logits", "image_logits"):
+            torch.testing.assert_close(getattr(loaded(batch), name), getattr(model(batch), name))
 
 
 def test_evidence_objective_only_when_asked_and_the_knn_head_adds_the_evidence():

@@ -122,19 +122,26 @@ def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
     assert "defects" not in model.memory.parts
 
 
-def test_learned_evidence_leaves_the_calibrated_cuts_to_the_distance(trained):
-    # the evidence is built after training, so both runs train the same weights; calibration chooses
-    # on the distance alone (held-out synthetic rows are what the evidence knows best): the image
-    # cut and the pixel cut's F1 are the distance's, the pixel cut is carried over to the new map
+@pytest.mark.parametrize("image_weight", [0.0, 2.0])
+def test_learned_evidence_leaves_the_pixel_cut_and_the_floor_to_the_distance(trained, image_weight):
+    # the evidence is built after training, so both runs train the same weights; the pixel cut's F1
+    # is chosen on the distance alone (held-out synthetic rows are what the evidence knows best) and
+    # the cut carried over to the new map; the image score adds the evidence only above the normal
+    # shots' maximum, so the floor from their views is the distance's
     results, models = [], []
     for weight in (0.0, 2.0):
-        result, out = train_knn(trained, f"learned_{weight}", steps=3, learned_weight=weight)
+        result, out = train_knn(trained, f"learned_{weight}_{image_weight}", steps=3, learned_weight=weight,
+                                image_evidence_weight=image_weight)
         results.append(result)
         models.append(Discriminator.from_pretrained(out))
     assert models[1].config.learned_weight == 2.0 and models[1].detection_head.has_learned
+    assert models[1].config.image_evidence_weight == image_weight and models[0].config.image_evidence_weight == 0
     assert results[0].calibration.pixel_f1 == results[1].calibration.pixel_f1
-    assert results[0].calibration.image_threshold == results[1].calibration.image_threshold
     assert results[0].calibration.pixel_threshold != results[1].calibration.pixel_threshold
+    floors = [result.calibration.normal_view_max_score for result in results]
+    assert floors[1] == pytest.approx(floors[0], rel=1e-5, abs=1e-7)
+    if not image_weight:  # the image score is the distance's: so is its cut
+        assert results[0].calibration.image_threshold == results[1].calibration.image_threshold
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(models[0](images).detection_logits, models[1](images).detection_logits)
