@@ -49,8 +49,8 @@ class TrainConfig:
     # weight of the learned type evidence (soft maximum of the type logits, standardised on the normal
     # shots) added after training to the knn head's pixel map; 0 turns it off (`discriminator.model.LEARNED_WEIGHT`)
     learned_weight: float = field(default=LEARNED_WEIGHT, metadata=within(0, 10))
-    # weight of what of that evidence exceeds its maximum on the normal shots, in the image score; 0: the
-    # image score reads the distance alone (`discriminator.model.IMAGE_EVIDENCE_WEIGHT`)
+    # weight of what of that evidence exceeds its maximum on the normal shots, in the image score (needs
+    # learned_weight > 0); 0: the image score reads the distance alone (`discriminator.model.IMAGE_EVIDENCE_WEIGHT`)
     image_evidence_weight: float = field(default=IMAGE_EVIDENCE_WEIGHT, metadata=within(0, 10))
     # weight of the learned evidence's own detection loss during training (`losses.EvidenceObjective`);
     # 0: the type logits learn only the types of anomalous pixels. Off by default: better pixel maps,

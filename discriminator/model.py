@@ -281,9 +281,10 @@ class MemoryDetectionHead(NormalMemoryHead):
     fusion trusts the learned map as much as it deserved there. Added with a small fixed weight to
     the pixel map alone, the same evidence lifts PRO by about a point and moves pixel AUROC by a few
     tenths (see LEARNED_WEIGHT); the image map adds only what of it exceeds its maximum on the
-    normal shots (see IMAGE_EVIDENCE_WEIGHT). The paper's per-pixel type logits still decide the type. Unless `train.evidence_loss`
-    asks training to teach that evidence to tell defect from normal (`losses.EvidenceObjective`),
-    the type logits only ever see anomalous pixels.
+    normal shots (see IMAGE_EVIDENCE_WEIGHT). The paper's per-pixel type logits still decide the
+    type. Unless `train.evidence_loss` asks training to teach that evidence to tell defect from
+    normal (`losses.EvidenceObjective`), or a normal embedding gives normal a class of its own, the
+    type logits only ever see anomalous pixels.
     """
 
     PARTS = ("knn", "learned")  # `parts` (not saved) lets an ablation score with one alone
