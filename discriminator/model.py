@@ -306,15 +306,14 @@ class MemoryDetectionHead(NormalMemoryHead):
         """Whether a learned part exists to score with (`parts`)."""
         return bool(self.learned_weight)
 
-    def set_learned_stats(self, stats: Tensor, weight: float, ceiling: Tensor | None = None,
-                          image_weight: float = 0.0) -> None:
+    def set_learned_stats(self, stats: Tensor, weight: float, ceiling: Tensor, image_weight: float) -> None:
         """Turn the learned evidence on: its [mean, std] on the normal shots and its weight in the
-        pixel map, and, with `image_weight`, its weight above `ceiling` (its standardised maximum on
-        the shots) in the image map. Registers the buffers (saved in the checkpoint), replacing
-        earlier ones, as `fill_defects` does."""
+        pixel map, and its weight above `ceiling` (its standardised maximum on the shots) in the
+        image map (none at `image_weight` 0). Registers the buffers (saved in the checkpoint),
+        replacing earlier ones, as `fill_defects` does."""
         self.register_buffer("learned_stats", stats.clone())
         self.learned_weight = float(weight)
-        self.image_evidence_weight = float(image_weight) if ceiling is not None else 0.0
+        self.image_evidence_weight = float(image_weight)
         if self.image_evidence_weight:
             self.register_buffer("evidence_ceiling", ceiling.detach().clone().reshape(()))
 
