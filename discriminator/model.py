@@ -104,6 +104,9 @@ class DiscriminatorConfig:
     exposure_match: bool = False
     # entries of the memory's bank of real defect cells (few-shot); set by build_defect_memory, 0 = none
     defect_memory_entries: int = 0
+    # weight of that bank's term above its maximum on the normal shots' views in the image map; set by
+    # build_defect_memory, 0 = none (checkpoints saved before it existed)
+    defect_image_weight: float = 0.0
     # weight of the learned type evidence in the `knn` head's pixel map; set by build_learned_evidence, 0 = none
     learned_weight: float = 0.0
     # weight of the learned evidence above the normal shots' maximum in the `knn` head's image map; set
@@ -139,7 +142,7 @@ class DiscriminatorConfig:
             raise InputError(f"memory_strides must be a non-empty list of positive integers, got {strides!r}", path)
         if self.pixel_types not in PIXEL_TYPES:
             raise InputError(f"pixel_types must be one of {list(PIXEL_TYPES)}, got {self.pixel_types!r}", path)
-        for name in ("learned_weight", "image_evidence_weight"):
+        for name in ("learned_weight", "image_evidence_weight", "defect_image_weight"):
             if not 0.0 <= float(getattr(self, name)) <= 10.0:
                 raise InputError(f"{name} must be in [0, 10], got {getattr(self, name)}", path)
         if not 0.0 < float(self.memory_fraction) <= 4.0:
@@ -239,7 +242,7 @@ class NormalMemoryHead(nn.Module):
         dim = sum(backbone.channels[i] for i in levels)
         shots, entries = config.memory_shape or (0, 0)
         self.memory = NormalMemory(shots, entries, dim, levels, bool(config.self_similarity),
-                                   int(config.defect_memory_entries))
+                                   int(config.defect_memory_entries), float(config.defect_image_weight))
 
     def distance(self, features: list[Tensor], like: Tensor) -> Tensor:
         """(B, 1 or 2, h, w) standardised kNN distance at the resolution and dtype of `like`: the
@@ -526,18 +529,22 @@ class Discriminator(nn.Module):
         self.config.memory_shape = list(memory.bank.shape[:2])
 
     @torch.no_grad()
-    def build_defect_memory(self, shots: list[tuple[Tensor, Tensor]]) -> None:
+    def build_defect_memory(self, shots: list[tuple[Tensor, Tensor]], normals: list[Tensor]) -> None:
         """Give the memory a bank of the real anomaly shots' defect cells ((3, H, W) image in [0, 1],
         (H, W) type map 0 / 1..C), from each shot and its flips: in the pixel map a pixel nearer to a
-        real defect than to normal scores higher (`NormalMemory.forward`). A no-op for heads without
-        memory or without shots."""
+        real defect than to normal scores higher, and in the image map what of that exceeds its
+        maximum over the normal shots' (`normals`, those of `build_memory`) flipped views
+        (`NormalMemory.forward`). A no-op for heads without memory or without shots."""
         memory = self.memory
         if memory is None or not shots:
             return
         features = [patch_features(self.backbone_features(flipped_views(image)), memory.levels) for image, _ in shots]
         masks = [flipped_views(type_map > 0) for _, type_map in shots]
         memory.fill_defects(features, masks, self.config.memory_fraction)
+        memory.set_defect_ceiling([patch_features(self.backbone_features(flipped_views(image)), memory.levels)
+                                   for image in normals])
         self.config.defect_memory_entries = memory.defect_entries
+        self.config.defect_image_weight = memory.defect_image_weight
 
     @torch.no_grad()
     def build_learned_evidence(self, shots: list[Tensor], weight: float, image_weight: float = 0.0) -> None:

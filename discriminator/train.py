@@ -305,7 +305,7 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     if memory is not None:
         model.build_memory(normals)
         if config.defect_memory:
-            model.build_defect_memory(pool_tensors(data.dataset.pools.get(ANOMALY_POOL)))
+            model.build_defect_memory(pool_tensors(data.dataset.pools.get(ANOMALY_POOL)), normals)
         memory.leave_one_out = True
     platt = fit_memory_detection(model, data, device, config.batch_size)
 

@@ -44,9 +44,9 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
-    prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory on, as shipped;
-    and the zero-shot model's normal embedding) with a filled memory and thresholds inside its value
-    range (so decisions go both ways), and its two exports."""
+    prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory
+    in both maps, as shipped; and the zero-shot model's normal embedding) with a filled memory and
+    thresholds inside its value range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
@@ -57,7 +57,7 @@ def exported(tmp_path_factory):
     model.set_exposure_reference(normals)
     model.build_memory(normals)
     defect = textured_images(1, seed=3, defects=True)[0]
-    model.build_defect_memory([(defect, (defect[0] < 0.1).long())])
+    model.build_defect_memory([(defect, (defect[0] < 0.1).long())], normals)
     model.build_prototypes([(defect, (defect[0] < 0.1).long())], normals=normals)
     model.build_learned_evidence(normals, 0.25, image_weight=1.0)
     assert model.memory.defect_entries > 0 and model.config.learned_weight == 0.25
@@ -66,6 +66,9 @@ def exported(tmp_path_factory):
     with torch.no_grad():  # a random model's evidence stays below the shots' maximum: lower the ceiling
         z = model.detection_head.evidence(model.embed_and_type(images)[2])  # so that the exports' hinge works
         model.detection_head.evidence_ceiling.fill_(float(z.median()))
+        at_ceiling = model(images).image_logits  # and the defect term's ceiling, below what the dark squares reach
+        model.memory.defect_ceiling.fill_(0.0)
+        assert not torch.allclose(model(images).image_logits, at_ceiling)
     first = Predictor(model, device="cpu")(images)
     model.config.pixel_threshold = float(first.anomaly_maps.quantile(0.9))
     model.config.image_threshold = float(first.scores.median())

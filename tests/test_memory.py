@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from discriminator.memory import (MEMORY_GAINS, NormalMemory, flipped_views, k_center_coreset, memory_levels,
-                                  memory_views, nearest_distances)
+from discriminator.memory import (DEFECT_IMAGE_WEIGHT, MEMORY_GAINS, NormalMemory, flipped_views, k_center_coreset,
+                                  memory_levels, memory_views, nearest_distances, patch_features)
 from discriminator.model import Discriminator, DiscriminatorConfig
 from core.errors import InputError
 
@@ -220,20 +220,76 @@ def test_fill_defects_falls_back_to_the_most_defect_cell_and_caps_the_bank():
     assert memory.defect_entries == 4  # a quarter of one view's 16 cells, for all shots together
 
 
-def test_defect_memory_lifts_pixels_like_a_real_defect_in_the_pixel_map_only():
+def test_defect_memory_lifts_pixels_like_a_real_defect_in_the_pixel_map():
     model = make_model(detection_head="knn", self_similarity=True).eval()
     normal = shots()
     model.build_memory(normal)
     test = with_red_square(normal[0])[None]
     with torch.no_grad():
         before = model(test)
-        model.build_defect_memory([defect_shot()])
+        model.build_defect_memory([defect_shot()], normal)
         after = model(test)
     assert model.config.defect_memory_entries == model.memory.defect_entries > 0
     lift = after.detection_logits[0, 0] - before.detection_logits[0, 0]
     assert lift.min() >= -1e-5 and lift[36:52, 36:52].mean() > 0.5  # the red square scores higher
     assert lift[:16, :16].abs().max() < lift[36:52, 36:52].mean() / 4  # plain texture barely moves
-    torch.testing.assert_close(after.image_logits, before.image_logits)  # image scores read the shots alone
+
+
+def test_defect_term_reaches_the_image_map_only_above_its_maximum_on_the_normal_views():
+    """The image threshold's floor is the normal views' scores: they must not move, while a cell
+    nearer to a real defect than anything normal ever was lifts the image map."""
+    model = make_model(detection_head="knn", self_similarity=True).eval()
+    normal = shots()
+    model.build_memory(normal)
+    memory = model.memory
+    test = with_red_square(normal[0])[None]
+    with torch.no_grad():
+        features = model.backbone_features(test)
+        views = [model.backbone_features(flipped_views(shot)) for shot in normal]  # each shot's flips
+        before, views_before = memory(features), [memory(v) for v in views]
+        memory.leave_one_out = True
+        before_leave_one_out = memory(features)
+        memory.leave_one_out = False
+        model.build_defect_memory([defect_shot()], normal)
+        assert model.config.defect_image_weight == memory.defect_image_weight == DEFECT_IMAGE_WEIGHT
+        mean, std = memory.stats  # the ceiling: the largest term of a view scored leave-one-out
+        queries = [patch_features(v, memory.levels) for v in views]
+        expected = max(float(memory.defect_term(q, (memory.distances(q, leave_one_out=True) - mean) / std).max())
+                       for q in queries)
+        assert float(memory.defect_ceiling) == pytest.approx(expected)
+        for v, v_before in zip(views, views_before):  # every view scores as before in the image map
+            torch.testing.assert_close(memory(v)[:, 1:], v_before[:, 1:])
+        after = memory(features)
+        term = memory.defect_term(patch_features(features, memory.levels), before[:, 1:])
+        hinge = DEFECT_IMAGE_WEIGHT * (term - memory.defect_ceiling).clamp_min(0)
+        torch.testing.assert_close(after[:, 1:], before[:, 1:] + hinge)
+        assert hinge.max() > 0  # the red square exceeds anything the normal views showed
+        memory.leave_one_out = True  # training and calibration never see it
+        torch.testing.assert_close(memory(features), before_leave_one_out)
+
+
+def test_defect_ceiling_needs_a_defect_bank_and_round_trips(tmp_path):
+    assert NormalMemory(1, 4, 2, [0], defect_image_weight=1.0).defect_image_weight == 0.0  # no bank, no term
+    model = make_model(detection_head="knn", self_similarity=True).eval()
+    normal = shots()
+    model.build_memory(normal)
+    test = with_red_square(normal[0])[None]
+    with torch.no_grad():
+        plain = model(test).image_logits
+        model.build_defect_memory([defect_shot()], normal)
+        memory = model.memory
+        memory.defect_ceiling.fill_(-1.0)  # as if the views were far from every defect: the hinge fires
+        model.save_pretrained(tmp_path / "new")
+        loaded = Discriminator.from_pretrained(tmp_path / "new")
+        assert float(loaded.memory.defect_ceiling) == -1.0
+        torch.testing.assert_close(loaded(test).image_logits, model(test).image_logits)
+        assert not torch.allclose(model(test).image_logits, plain)
+        # a checkpoint saved before the ceiling existed: its image map reads the shots alone
+        del memory._buffers["defect_ceiling"]
+        memory.defect_image_weight = 0.0
+        old = load_as_saved_before(model, tmp_path / "old", "defect_image_weight")
+        assert old.memory.defect_image_weight == 0.0 and old.memory.defect_entries > 0
+        torch.testing.assert_close(old(test).image_logits, plain)
 
 
 def test_defect_memory_is_off_leave_one_out_and_in_the_one_part_ablation():
@@ -248,7 +304,7 @@ def test_defect_memory_is_off_leave_one_out_and_in_the_one_part_ablation():
         plain_leave_one_out = model(test).detection_logits
         memory.leave_one_out = False
         plain = model(test).detection_logits
-        model.build_defect_memory([defect_shot()])
+        model.build_defect_memory([defect_shot()], shots())
         assert memory.parts == ("shots", "defects")
         assert not torch.allclose(model(test).detection_logits, plain)
         memory.leave_one_out = True
@@ -262,7 +318,7 @@ def test_defect_memory_round_trips_and_older_checkpoints_load_without_it(tmp_pat
     model.build_memory(shots())
     old = load_as_saved_before(model, tmp_path / "old", "defect_memory_entries")
     assert old.memory.defect_entries == 0 and "defects" not in old.memory.parts
-    model.build_defect_memory([defect_shot()])
+    model.build_defect_memory([defect_shot()], shots())
     model.save_pretrained(tmp_path / "new")
     loaded = Discriminator.from_pretrained(tmp_path / "new")
     assert loaded.config.defect_memory_entries == model.memory.defect_entries

@@ -14,7 +14,7 @@ import torch
 from discriminator.config import NORMAL_EMBEDDING, EvaluateConfig, TrainConfig, uses_normal_embedding
 from core.images import read_sample
 from core.manifest import Manifest
-from discriminator.memory import FLIPS
+from discriminator.memory import DEFECT_IMAGE_WEIGHT, FLIPS
 from discriminator.model import Discriminator
 from discriminator.predict import Predictor, images_to_tensor
 from discriminator.train import (balanced_threshold, fit_platt, floored_threshold, matched_rate_threshold, poly_schedule,
@@ -110,6 +110,9 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     assert memory.leave_one_out is False  # leave-one-out is for training data painted on the shots only
     # the manifest has a real anomaly shot per type: its defect cells form the memory's second bank
     assert model.config.defect_memory_entries == memory.defect_entries > 0 and "defects" in memory.parts
+    # ... whose term reaches the image map above its maximum on the normal shots' views
+    assert model.config.defect_image_weight == memory.defect_image_weight == DEFECT_IMAGE_WEIGHT
+    assert float(memory.defect_ceiling) >= 0.0
 
 
 def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
@@ -119,6 +122,7 @@ def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
     run_train(params, dataset, manifest, root / "no_defects", show_progress=False)
     model = Discriminator.from_pretrained(root / "no_defects")
     assert model.config.defect_memory_entries == 0 and model.memory.defect_entries == 0
+    assert model.config.defect_image_weight == 0.0
     assert "defects" not in model.memory.parts
 
 
