@@ -293,9 +293,8 @@ class NormalMemory(nn.Module):
         ceiling once `set_defect_ceiling` has set one (see `DEFECT_IMAGE_WEIGHT`)."""
         queries = patch_features(features, self.levels)
         scores = {}
-        mean, std = self.stats
         if "shots" in self.parts:
-            scores["shots"] = (self.distances(queries) - mean) / std
+            scores["shots"] = self.shot_scores(queries)
         if "self" in self.parts:
             self_mean, self_std = self.self_stats
             scores["self"] = (self_distances(queries.float()) - self_mean) / self_std
@@ -306,6 +305,11 @@ class NormalMemory(nn.Module):
             if self.defect_image_weight:
                 image = image + self.defect_image_weight * (defect - self.defect_ceiling).clamp_min(0)
         return torch.cat([pixel, image], dim=1) if len(self.parts) > 1 else pixel
+
+    def shot_scores(self, queries: Tensor, leave_one_out: bool | None = None) -> Tensor:
+        """(B, 1, h, w) nearest-normal distance standardised on the shots' leave-one-out distances."""
+        mean, std = self.stats
+        return (self.distances(queries, leave_one_out) - mean) / std
 
     def defect_term(self, queries: Tensor, to_shots: Tensor) -> Tensor:
         """How much nearer each cell is to a real defect cell than to the normal shots (`to_shots`,
@@ -323,9 +327,7 @@ class NormalMemory(nn.Module):
         checkpoint), replacing an earlier one; a no-op without a defect bank."""
         if not self.defect_entries or weight <= 0:
             return
-        mean, std = self.stats
-        ceiling = max(float(self.defect_term(f, (self.distances(f, leave_one_out=True) - mean) / std).max())
-                      for f in per_shot_views)
+        ceiling = max(float(self.defect_term(f, self.shot_scores(f, leave_one_out=True)).max()) for f in per_shot_views)
         self.register_buffer("defect_ceiling", torch.tensor(ceiling, device=self.bank.device))
         self.defect_image_weight = float(weight)
 
