@@ -112,7 +112,7 @@ def test_memory_head_trains_with_a_filled_memory_and_loads_in_full_mode(trained,
     assert model.config.defect_memory_entries == memory.defect_entries > 0 and "defects" in memory.parts
     # ... whose term reaches the image map above its maximum on the normal shots' views
     assert model.config.defect_image_weight == memory.defect_image_weight == DEFECT_IMAGE_WEIGHT
-    assert float(memory.defect_ceiling) >= 0.0
+    assert "defect_ceiling" in dict(memory.named_buffers())  # saved with the checkpoint, loaded back
 
 
 def test_defect_memory_off_keeps_the_real_defects_out_of_the_memory(trained):
