@@ -58,7 +58,9 @@ class TrainConfig:
     evidence_loss: float = field(default=0.0, metadata=at_least(0))
     # a learned normal embedding the type logits are measured against, and a C+1-way type loss on
     # every pixel (`losses.normal_class_cross_entropy`), so the learned evidence becomes the log-odds of
-    # defect. auto: only without real anomaly shots (`uses_normal_embedding` says why); always; never
+    # defect. auto: on the type logits without real anomaly shots; with them on a second branch that
+    # only the learned evidence reads (`uses_normal_embedding`, `uses_evidence_branch` say why);
+    # always: on the type logits; never: nowhere
     normal_embedding: str = field(default="auto", metadata={
         RULE_KEY: Rule("auto, always or never", lambda v: v in NORMAL_EMBEDDING)})
     augment: bool = True  # flips, transpose, small shifts
@@ -77,6 +79,14 @@ def uses_normal_embedding(setting: str, anomaly_shots: int) -> bool:
     AUROC / PRO by 1.1 / 1.9 but cost 0.9 / 2.3 / 2.0 points of Acc / bAcc / mIoU, and the real
     shots are what a few-shot user gives the tool to classify with."""
     return setting == "always" or (setting == "auto" and anomaly_shots == 0)
+
+
+def uses_evidence_branch(setting: str, anomaly_shots: int, detection_head: str) -> bool:
+    """Whether the `knn` head's learned evidence reads a branch of its own trained with the normal
+    class (`discriminator.model.EvidenceBranch`): with `auto`, where the type logits go without it
+    (real anomaly shots). That keeps the types of a model without the normal class and gives the
+    maps and the image score the evidence of one with it."""
+    return setting == "auto" and anomaly_shots > 0 and detection_head == "knn"
 
 
 @dataclass

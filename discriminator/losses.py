@@ -33,6 +33,8 @@ class LossParts:
     ce: Tensor
     # the learned evidence's detection loss (`EvidenceObjective`), 0 when off
     evidence: Tensor = field(default_factory=lambda: torch.zeros(()))
+    # the evidence branch's C+1-way type loss (`discriminator.model.EvidenceBranch`), 0 without one
+    branch_ce: Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
@@ -90,7 +92,8 @@ def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeig
     """Loss of a `DiscriminatorOutput` against a (B, H, W) long type map: 0 normal, 1..C anomaly types.
 
     The type map carries both targets: detection mask = type_map > 0, type id = type_map - 1. With
-    `normal_class` the type loss is C+1-way on every pixel (`normal_class_cross_entropy`).
+    `normal_class` the type loss is C+1-way on every pixel (`normal_class_cross_entropy`); an
+    evidence branch's logits (`output.evidence_logits`) always learn that way, at the type loss's weight.
     Computed in fp32 whatever the autocast dtype of the logits.
     """
     class_logits, detection_logits = output.class_logits.float(), output.detection_logits.float()
@@ -102,7 +105,11 @@ def discriminator_loss(output, type_map: Tensor, weights: LossWeights = LossWeig
     focal, dice = detection_terms(detection_logits, type_map, weights.gamma)
     ce = (normal_class_cross_entropy if normal_class else type_cross_entropy)(class_logits, type_map)
     total = weights.focal * focal + weights.dice * dice + weights.ce * ce
-    return LossParts(total=total, focal=focal, dice=dice, ce=ce)
+    parts = LossParts(total=total, focal=focal, dice=dice, ce=ce)
+    if output.evidence_logits is not None:
+        parts.branch_ce = normal_class_cross_entropy(output.evidence_logits.float(), type_map)
+        parts.total = total + weights.ce * parts.branch_ce
+    return parts
 
 
 class EvidenceObjective(torch.nn.Module):

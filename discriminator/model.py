@@ -115,6 +115,10 @@ class DiscriminatorConfig:
     # a learned normal embedding: each type logit is measured against it (`Discriminator.embed_and_type`)
     # and training's type loss becomes C+1-way on every pixel (`losses.normal_class_cross_entropy`)
     normal_embedding: bool = False
+    # a second fusion whose type logits are measured against a normal embedding (`EvidenceBranch`); the
+    # `knn` head's learned evidence reads it instead of the type logits (few-shot, where those have no
+    # normal class); off for checkpoints saved before it existed
+    evidence_branch: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +146,9 @@ class DiscriminatorConfig:
             raise InputError(f"memory_strides must be a non-empty list of positive integers, got {strides!r}", path)
         if self.pixel_types not in PIXEL_TYPES:
             raise InputError(f"pixel_types must be one of {list(PIXEL_TYPES)}, got {self.pixel_types!r}", path)
+        if self.evidence_branch and self.detection_head != "knn":
+            raise InputError(f"evidence_branch needs the knn detection head (the only one that reads the "
+                             f"learned evidence), got {self.detection_head!r}", path)
         for name in ("learned_weight", "image_evidence_weight", "defect_image_weight"):
             if not 0.0 <= float(getattr(self, name)) <= 10.0:
                 raise InputError(f"{name} must be in [0, 10], got {getattr(self, name)}", path)
@@ -179,6 +186,8 @@ class DiscriminatorOutput:
     # (B, 1, H, W): the logit map image scores read, when the head keeps one apart (the `knn` head with
     # self-similarity: the distance to the shots alone); None: image scores read detection_logits
     image_logits: Tensor | None = None
+    # (B, C, H, W): the evidence branch's type logits against normal, while training (its loss); else None
+    evidence_logits: Tensor | None = None
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -205,6 +214,47 @@ class TopDownFusion(nn.Module):
             x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear", align_corners=False)
             x = self.fuse[i](x + finer)
         return x
+
+
+def type_similarity(pixels: Tensor, types: Tensor, normal: Tensor | None = None) -> Tensor:
+    """(B, C, h, w) cosine of each L2-normalised pixel embedding (B, D, h, w) to each type embedding
+    (C, D), minus its cosine to the `normal` embedding (D,) when given: a value > 0 then means "more
+    this type than normal"."""
+    similarity = torch.einsum("bdhw,cd->bchw", pixels, F.normalize(types, dim=-1))
+    if normal is not None:
+        similarity = similarity - torch.einsum("bdhw,d->bhw", pixels, F.normalize(normal, dim=-1)).unsqueeze(1)
+    return similarity
+
+
+class EvidenceBranch(nn.Module):
+    """Type logits measured against a normal embedding, from a fusion of their own, trained with the
+    C+1-way loss (`losses.normal_class_cross_entropy`): what the `knn` head's learned evidence reads
+    when the discriminator's own type logits have no normal class (`DiscriminatorConfig.evidence_branch`).
+
+    Why apart: with real anomaly shots a normal class on the type logits themselves lifted pixel
+    AUROC and PRO but cost type accuracy, balanced accuracy and mIoU (`discriminator.config.
+    uses_normal_embedding`): the C+1-way loss shapes the shared fusion for telling defect from normal,
+    the C-way one for telling the types apart. Here each loss trains its own fusion on the same
+    frozen backbone levels and batches, so the types are those of a model without the normal class
+    and the evidence that of a model with it. Its type embeddings are always learned ones."""
+
+    def __init__(self, channels: list[int], width: int, num_types: int, temperature: float, min_temperature: float):
+        super().__init__()
+        self.fusion = TopDownFusion(channels, width)
+        self.embed = nn.Conv2d(width, width, 1)
+        self.type_embeddings = LearnedTypeEmbeddings(num_types, width)
+        self.normal_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.min_temperature = min_temperature
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp().clamp_min(self.min_temperature)
+
+    def forward(self, levels: list[Tensor]) -> Tensor:
+        """The backbone levels the discriminator fuses -> (B, C, h, w) type logits against normal."""
+        pixels = F.normalize(self.embed(self.fusion([x.to(self.embed.weight.dtype) for x in levels])), dim=1)
+        return type_similarity(pixels, self.type_embeddings(), self.normal_embedding) / self.temperature
 
 
 class MeanLogitHead(nn.Module):
@@ -427,6 +477,9 @@ class Discriminator(nn.Module):
             self.detection_head = DETECTION_HEADS[config.detection_head](config, self.backbone)
             if config.normal_embedding:
                 self.normal_embedding = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
+            self.evidence_branch = EvidenceBranch(
+                [self.backbone.channels[i] for i in self.levels], config.width, num_types, config.temperature,
+                config.min_temperature) if config.evidence_branch else None
         if (type_embeddings.num_types, type_embeddings.dim) != (num_types, config.width):
             raise InputError(
                 f"type embeddings are {type_embeddings.num_types}x{type_embeddings.dim}, "
@@ -468,12 +521,16 @@ class Discriminator(nn.Module):
     def forward(self, images: Tensor) -> DiscriminatorOutput:
         """images (B, 3, H, W) in [0, 1] -> logits at the input resolution."""
         features, fused, class_logits = self.embed_and_type(images)
-        detection = F.interpolate(self.detection_head(fused, class_logits, features), size=images.shape[-2:],
-                                  mode="bilinear", align_corners=False)
+        evidence = self.evidence_logits(features, class_logits)
+        size = images.shape[-2:]
+        detection = F.interpolate(self.detection_head(fused, evidence, features), size=size, mode="bilinear",
+                                  align_corners=False)
         return DiscriminatorOutput(
-            class_logits=F.interpolate(class_logits, size=images.shape[-2:], mode="bilinear", align_corners=False),
+            class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
             detection_logits=detection[:, :1],
             image_logits=detection[:, 1:] if detection.shape[1] > 1 else None,
+            evidence_logits=F.interpolate(evidence, size=size, mode="bilinear", align_corners=False)
+            if self.training and self.evidence_branch is not None else None,
         )
 
     def embed_and_type(self, images: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -482,15 +539,23 @@ class Discriminator(nn.Module):
         features = self.backbone_features(images)
         fused = self.fusion([features[i].to(self.embed.weight.dtype) for i in self.levels])
         pixels = F.normalize(self.embed(fused), dim=1)
-        types = F.normalize(self.type_embeddings(), dim=-1)
-        similarity = torch.einsum("bdhw,cd->bchw", pixels, types)
-        if self.config.normal_embedding:  # each type against normal: a logit > 0 means "more this type than normal"
-            normal = F.normalize(self.normal_embedding, dim=-1)
-            similarity = similarity - torch.einsum("bdhw,d->bhw", pixels, normal).unsqueeze(1)
-        class_logits = similarity / self.temperature
+        normal = self.normal_embedding if self.config.normal_embedding else None  # each type against normal
+        class_logits = type_similarity(pixels, self.type_embeddings(), normal) / self.temperature
         if self.config.prototypes:
-            class_logits = class_logits + self.prototype_logits(features, class_logits)
+            class_logits = class_logits + self.prototype_logits(features, class_logits, self.temperature)
         return features, fused, class_logits
+
+    def evidence_logits(self, features: list[Tensor], class_logits: Tensor) -> Tensor:
+        """The type logits the detection head reads its learned evidence from: the evidence branch's
+        (with the type prototypes, as the type logits have them) when the model has one, else
+        `class_logits` themselves."""
+        branch = self.evidence_branch
+        if branch is None:
+            return class_logits
+        logits = branch([features[i] for i in self.levels])
+        if self.config.prototypes:
+            logits = logits + self.prototype_logits(features, logits, branch.temperature)
+        return logits
 
     @torch.no_grad()
     def backbone_features(self, images: Tensor) -> list[Tensor]:
@@ -565,16 +630,22 @@ class Discriminator(nn.Module):
         was_training = self.training
         self.eval()
         views = torch.cat([flipped_views(shot) for shot in shots]).to(self.log_temperature.device)
-        evidence = torch.cat([learned_evidence(self.embed_and_type(views[i:i + 8])[2]) for i in range(0, len(views), 8)])
+        evidence = torch.cat([self.raw_evidence(views[i:i + 8]) for i in range(0, len(views), 8)])
         self.train(was_training)
         stats = standardise(evidence).to(views.device)
         head.set_learned_stats(stats, weight, (evidence.max() - stats[0]) / stats[1], image_weight)
         self.config.learned_weight = float(weight)
         self.config.image_evidence_weight = head.image_evidence_weight
 
-    def prototype_logits(self, features: list[Tensor], like: Tensor) -> Tensor:
+    def raw_evidence(self, images: Tensor) -> Tensor:
+        """(B, 1, h, w) learned evidence of (B, 3, H, W) images in [0, 1], before the head standardises
+        it: `learned_evidence` of the logits it reads (`evidence_logits`)."""
+        features, _, class_logits = self.embed_and_type(images)
+        return learned_evidence(self.evidence_logits(features, class_logits))
+
+    def prototype_logits(self, features: list[Tensor], like: Tensor, temperature: Tensor) -> Tensor:
         """(B, C, h, w) cosine of each pixel's frozen feature to each type's prototype, over the
-        same temperature as the learned type logits, at the size of `like`. A type without a
+        `temperature` of the learned type logits it is added to, at the size of `like`. A type without a
         prototype gets the mean similarity of those with one: no pull either way. With
         `prototype_center` both are taken relative to the normal shots' mean feature first."""
         pixels, prototypes = patch_features(features, self.prototype_levels), self.type_prototypes
@@ -587,7 +658,7 @@ class Discriminator(nn.Module):
         mean = (sims * valid).sum(dim=1, keepdim=True) / valid.sum().clamp_min(1.0)
         sims = sims * valid + mean * (1.0 - valid)
         sims = F.interpolate(sims, size=like.shape[-2:], mode="bilinear", align_corners=False)
-        return (sims / self.temperature).to(like.dtype)
+        return (sims / temperature).to(like.dtype)
 
     @torch.no_grad()
     def build_prototypes(self, shots: list[tuple[Tensor, Tensor]], normals: list[Tensor] | None = None) -> None:

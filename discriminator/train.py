@@ -330,7 +330,8 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
         # computed in fp32 whatever the autocast
         loss = losses.discriminator_loss(output, targets, normal_class=model.config.normal_embedding)
         if objective is not None:
-            loss.evidence = objective(learned_evidence(output.class_logits), targets)
+            evidence_logits = output.class_logits if output.evidence_logits is None else output.evidence_logits
+            loss.evidence = objective(learned_evidence(evidence_logits), targets)
             loss.total = loss.total + loss.evidence
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss is {float(loss.total)} at step {step}")
@@ -341,8 +342,9 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
         images_seen += len(images)
         parts = loss_parts(loss)
         log.append({"step": step, **parts, "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix({name: f"{value:.3f}" for name, value in parts.items()
-                         if objective is not None or name != "evidence"})  # no evidence column when off
+        hidden = {"evidence"} if objective is None else set()  # no column for a part that is off
+        hidden |= {"branch_ce"} if output.evidence_logits is None else set()
+        bar.set_postfix({name: f"{value:.3f}" for name, value in parts.items() if name not in hidden})
     seconds = time.perf_counter() - started
     model.eval()
 

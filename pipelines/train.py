@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from discriminator.backbones import normalise_spec
-from discriminator.config import uses_normal_embedding
+from discriminator.config import uses_evidence_branch, uses_normal_embedding
 from discriminator.data import build_training_data
 from discriminator.model import Discriminator, DiscriminatorConfig
 from discriminator.predict import resolve_device
@@ -37,6 +37,7 @@ def model_config(params: Params, category: str, class_names: list[str], anomaly_
         self_similarity=train.self_similarity,
         exposure_match=train.exposure_match,
         normal_embedding=uses_normal_embedding(train.normal_embedding, anomaly_shots),
+        evidence_branch=uses_evidence_branch(train.normal_embedding, anomaly_shots, train.detection_head),
         detection_head=train.detection_head,
         text_encoder=train.text_encoder,
         image_size=params.image_size,

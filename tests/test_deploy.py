@@ -45,13 +45,13 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
     prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory
-    in both maps, as shipped; and the zero-shot model's normal embedding) with a filled memory and
+    in both maps and the evidence branch, as shipped; and the zero-shot model's normal embedding) with a filled memory and
     thresholds inside its value range (so decisions go both ways), and its two exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},
                                  detection_head="knn", self_similarity=True, exposure_match=True, image_top_k=20,
-                                 normal_embedding=True)
+                                 normal_embedding=True, evidence_branch=True)
     model = Discriminator(config).eval()
     normals = list(textured_images(2, seed=1, defects=False))
     model.set_exposure_reference(normals)
@@ -64,7 +64,8 @@ def exported(tmp_path_factory):
     assert model.config.image_evidence_weight == 1.0
     images = textured_images(6, seed=2, defects=True)
     with torch.no_grad():  # a random model's evidence stays below the shots' maximum: lower the ceiling
-        z = model.detection_head.evidence(model.embed_and_type(images)[2])  # so that the exports' hinge works
+        features, _, class_logits = model.embed_and_type(images)  # so that the exports' hinge works
+        z = model.detection_head.evidence(model.evidence_logits(features, class_logits))
         model.detection_head.evidence_ceiling.fill_(float(z.median()))
         at_ceiling = model(images).image_logits  # and the defect term's ceiling, below what the dark squares reach
         model.memory.defect_ceiling.fill_(0.0)

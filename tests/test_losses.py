@@ -129,6 +129,23 @@ def test_discriminator_loss_takes_the_normal_class_cross_entropy_when_asked():
     assert with_normal.focal.item() == pytest.approx(plain.focal.item())
 
 
+def test_an_evidence_branch_learns_the_normal_class_next_to_the_plain_type_loss():
+    output = make_output()
+    type_map = torch.zeros(2, 4, 4, dtype=torch.long)
+    type_map[0, :2, :2] = 2
+    plain = discriminator_loss(output, type_map)
+    assert plain.branch_ce.item() == 0.0
+    output.evidence_logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    branched = discriminator_loss(output, type_map)
+    expected = normal_class_cross_entropy(output.evidence_logits, type_map)
+    assert branched.branch_ce.item() == pytest.approx(expected.item(), rel=1e-6) and expected.item() > 0
+    assert branched.ce.item() == pytest.approx(plain.ce.item())  # the type logits keep their C-way loss
+    assert branched.total.item() == pytest.approx(plain.total.item() + 0.5 * expected.item(), rel=1e-6)
+    branched.total.backward()
+    assert output.evidence_logits.grad[1].abs().sum() > 0  # normal pixels teach the branch
+    assert output.class_logits.grad[1].abs().sum() == 0  # and not the type logits
+
+
 def test_evidence_objective_rewards_evidence_that_is_high_on_defects_only():
     type_map = torch.zeros(2, 8, 8, dtype=torch.long)
     type_map[:, 2:4, 2:5] = 3  # a defect in both images

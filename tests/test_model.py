@@ -87,6 +87,58 @@ def test_normal_embedding_measures_each_type_logit_against_normal(tmp_path):
     assert_same_outputs(with_normal, loaded)
 
 
+def test_evidence_branch_feeds_the_knn_evidence_and_leaves_the_type_logits(tmp_path):
+    plain = Discriminator(make_config(detection_head="knn")).eval()
+    branched = Discriminator(make_config(detection_head="knn", evidence_branch=True)).eval()
+    # the same seed gives the same shared weights; the branch is a module of its own
+    extra = set(branched.state_dict()) - set(plain.state_dict())
+    assert extra and all(key.startswith("evidence_branch.") for key in extra)
+    assert set(plain.state_dict()) <= set(branched.state_dict())
+    x = images()
+    for model in (plain, branched):
+        model.build_memory(list(images(2, seed=1)))
+    with torch.no_grad():
+        features, _, class_logits = branched.embed_and_type(x)
+        assert torch.equal(class_logits, plain.embed_and_type(x)[2])  # types as without the branch
+        assert plain.evidence_logits(features, class_logits) is class_logits
+        evidence = branched.evidence_logits(features, class_logits)
+        expected = branched.evidence_branch([features[i] for i in branched.levels])
+        assert torch.equal(evidence, expected) and not torch.allclose(evidence, class_logits)
+        # the branch measures its types against its own normal embedding
+        branch = branched.evidence_branch
+        levels = [features[i] for i in branched.levels]
+        pixels = torch.nn.functional.normalize(branch.embed(branch.fusion(levels)), dim=1)
+        normal = torch.nn.functional.normalize(branch.normal_embedding, dim=0)
+        types = torch.nn.functional.normalize(branch.type_embeddings(), dim=-1)
+        by_hand = (torch.einsum("bdhw,cd->bchw", pixels, types)
+                   - torch.einsum("bdhw,d->bhw", pixels, normal).unsqueeze(1)) / branch.temperature
+        assert torch.allclose(evidence, by_hand, atol=1e-5)
+        assert torch.allclose(branched.raw_evidence(x), evidence.logsumexp(dim=1, keepdim=True), atol=1e-5)
+    # training sees the branch's logits for its loss; inference does not carry them
+    assert branched(x).evidence_logits is None and plain.train()(x).evidence_logits is None
+    assert branched.train()(x).evidence_logits.shape == (2, 3, 64, 64)
+    branched.eval()
+    # with the learned evidence on, the pixel map reads the branch
+    shots = list(images(2, seed=1))
+    for model in (plain, branched):
+        model.build_learned_evidence(shots, 0.25)
+    with torch.no_grad():
+        assert not torch.allclose(branched(x).detection_logits, plain(x).detection_logits)
+    # with type prototypes the branch's logits get them too, over its own temperature
+    branched.build_prototypes([(images(1, seed=3)[0], (images(1, seed=3)[0, 0] > 0.8).long())])
+    with torch.no_grad():
+        features, _, class_logits = branched.embed_and_type(x)
+        raw = branched.evidence_branch([features[i] for i in branched.levels])
+        prototypes = branched.prototype_logits(features, raw, branched.evidence_branch.temperature)
+        assert torch.allclose(branched.evidence_logits(features, class_logits), raw + prototypes)
+    branched.save_pretrained(tmp_path / "ckpt")
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.evidence_branch and not loaded.config.normal_embedding
+    assert_same_outputs(branched, loaded)
+    with pytest.raises(InputError, match="evidence_branch needs the knn detection head"):
+        make_config(evidence_branch=True)
+
+
 def test_conv_detection_head_and_level_subset():
     model = Discriminator(make_config(detection_head="conv", levels=[1, 2])).eval()
     out = model(images(size=48))
@@ -304,7 +356,8 @@ def test_prototypes_are_the_shots_region_features_and_pull_their_own_type(tmp_pa
     # each shot's own image: its defect region votes for its own type under the prototype logits
     with torch.no_grad():
         for (image, type_map), own in zip(shots, (0, 2)):
-            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64))
+            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64),
+                                            model.temperature)
             assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
             # the type without a prototype sits at the mean of the others: no pull either way
             torch.testing.assert_close(logits[0, 1], logits[0, [0, 2]].mean(dim=0))
@@ -326,12 +379,14 @@ def test_centred_prototypes_compare_departures_from_the_normal_mean(tmp_path):
         # the logits are the cosines of (pixel - centre) and (prototype - centre), over the temperature
         image = shots[0][0]
         feats = model_patch_features(model, image)
-        logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, *feats.shape[-2:]))
+        logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, *feats.shape[-2:]),
+                                        model.temperature)
         pixels = torch.nn.functional.normalize(feats - center[:, None, None], dim=0)
         expected = torch.einsum("dhw,d->hw", pixels, torch.nn.functional.normalize(model.type_prototypes[0] - center, dim=0))
         torch.testing.assert_close(logits[0, 0], expected / model.temperature, rtol=1e-4, atol=1e-4)
         for (image, type_map), own in zip(shots, (0, 2)):
-            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64))
+            logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64),
+                                            model.temperature)
             assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
     # the centre travels in the checkpoint; a checkpoint without one loads uncentred
     model.save_pretrained(tmp_path / "ckpt")

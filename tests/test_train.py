@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from discriminator.config import NORMAL_EMBEDDING, EvaluateConfig, TrainConfig, uses_normal_embedding
+from discriminator.config import (NORMAL_EMBEDDING, EvaluateConfig, TrainConfig, uses_evidence_branch,
+                                  uses_normal_embedding)
 from core.images import read_sample
 from core.manifest import Manifest
 from discriminator.memory import DEFECT_IMAGE_WEIGHT, FLIPS
@@ -322,12 +323,30 @@ def test_auto_normal_embedding_only_without_real_anomaly_shots(tmp_path):
     assert Discriminator.from_pretrained(tmp_path / "model").config.normal_embedding
 
 
+def test_auto_with_real_anomaly_shots_trains_an_evidence_branch_with_the_normal_class(trained):
+    assert [uses_evidence_branch(s, 1, "knn") for s in NORMAL_EMBEDDING] == [True, False, False]
+    assert not uses_evidence_branch("auto", 0, "knn") and not uses_evidence_branch("auto", 1, "mean_logit")
+    _, out = train_knn(trained, "evidence_branch", steps=4)  # the module's data has real anomaly shots
+    model = Discriminator.from_pretrained(out)
+    assert model.config.evidence_branch and not model.config.normal_embedding
+    assert all(step["branch_ce"] > 0 for step in json.loads((out / "train_log.json").read_text())["log"])
+    untrained = Discriminator(dataclasses.replace(model.config))  # the same seed's initial weights
+    for name in ("normal_embedding", "embed.weight", "type_embeddings.weight"):
+        trained_value = model.evidence_branch.get_parameter(name)
+        assert not torch.equal(trained_value, untrained.evidence_branch.get_parameter(name)), name
+    # `never`: no branch and no branch loss
+    _, out = train_knn(trained, "no_branch", steps=4, normal_embedding="never")
+    assert not Discriminator.from_pretrained(out).config.evidence_branch
+    assert all(step["branch_ce"] == 0 for step in json.loads((out / "train_log.json").read_text())["log"])
+
+
 def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
     # with the knn head the detection loss reaches no trained weight; the evidence objective is what
     # makes normal pixels (the shots, the synthetic rows' surroundings) count for the type logits
+    # (`never`: the type logits' own evidence, no branch)
     logs, states = [], []
     for weight in (0.0, 1.0):
-        _, out = train_knn(trained, f"evidence_{weight}", steps=4, evidence_loss=weight)
+        _, out = train_knn(trained, f"evidence_{weight}", steps=4, evidence_loss=weight, normal_embedding="never")
         logs.append(json.loads((out / "train_log.json").read_text())["log"])
         states.append(Discriminator.from_pretrained(out).state_dict())
     assert all(step["evidence"] == 0.0 for step in logs[0])
