@@ -7,7 +7,9 @@ paper there is no "normal" embedding: a pixel is normal when it resembles no ano
 `mean_logit` detection logit is the mean of the class logits (the implicit-normal design); the
 `memory` and `knn` heads add a kNN distance to the real normal shots' features
 (`discriminator.memory`). With `normal_embedding` each type logit is measured against a learned
-normal embedding instead, and training teaches normal pixels to be none of the types.
+normal embedding instead, and training teaches normal pixels to be none of the types. With
+`evidence_branch` a second fusion of its own does that for the `knn` head's learned evidence alone
+(`EvidenceBranch`), and the type logits keep the paper's design.
 
 A checkpoint is a directory with `config.json` (everything needed to rebuild, including the
 backbone architecture) and `model.safetensors` holding ALL weights, the frozen backbone
