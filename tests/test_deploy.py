@@ -45,8 +45,9 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
     prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory
-    in both maps and the evidence branch, as shipped; and the zero-shot model's normal embedding) with a filled memory and
-    thresholds inside its value range (so decisions go both ways), and its two exports."""
+    in both maps and the evidence branch, as shipped; and the zero-shot model's normal embedding) with
+    a filled memory and thresholds inside its value range (so decisions go both ways), and its two
+    exports."""
     root = tmp_path_factory.mktemp("deploy")
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot", "stain"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite0", "pretrained": False},

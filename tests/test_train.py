@@ -334,10 +334,16 @@ def test_auto_with_real_anomaly_shots_trains_an_evidence_branch_with_the_normal_
     for name in ("normal_embedding", "embed.weight", "type_embeddings.weight"):
         trained_value = model.evidence_branch.get_parameter(name)
         assert not torch.equal(trained_value, untrained.evidence_branch.get_parameter(name)), name
-    # `never`: no branch and no branch loss
+    # `never`: no branch and no branch loss, and the very type logits the branch left alone (the same
+    # seed and batches; each loss reaches only its own fusion)
     _, out = train_knn(trained, "no_branch", steps=4, normal_embedding="never")
-    assert not Discriminator.from_pretrained(out).config.evidence_branch
+    plain = Discriminator.from_pretrained(out)
+    assert not plain.config.evidence_branch
     assert all(step["branch_ce"] == 0 for step in json.loads((out / "train_log.json").read_text())["log"])
+    shared = [key for key in plain.state_dict() if key.startswith(("fusion.", "embed.", "type_embeddings."))]
+    assert shared and not torch.equal(plain.embed.weight, untrained.embed.weight)  # trained, not initial
+    for key in [*shared, "log_temperature"]:
+        assert torch.equal(plain.state_dict()[key], model.state_dict()[key]), key
 
 
 def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
