@@ -31,7 +31,7 @@ from discriminator.exposure import GAIN_RANGE, GAMMA_RANGE, OFFSET_RANGE
 from core.errors import InputError
 from core.images import decode_png, read_sample, resize_image, resize_mask
 from core.manifest import NORMAL, Manifest, Sample
-from core.shards import SHARD_PATTERN, shard_name
+from core.shards import MODES, SHARD_PATTERN, ZERO_SHOT, shard_name
 
 SHARD_GLOB = "data/train-*.parquet"
 SHOTS_GLOB = "shots/train-*.parquet"  # the dataset's `shots` config: the real shots it was made from
@@ -52,6 +52,8 @@ class SyntheticRows:
     labels: list[int]  # 0..C-1 into class_names
     task_ids: list[str]
     category: str = ""
+    # how each row's defect was made (`core.shards.MODES`); None for a dataset written before the column
+    modes: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -112,7 +114,11 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = Non
         )
     if table.num_rows == 0:
         raise InputError("the frozen dataset has no rows", root)
-    columns = table.select(["image", "mask", "label", "category", "task_id"]).to_pydict()
+    has_modes = "mode" in table.column_names
+    columns = table.select(["image", "mask", "label", "category", "task_id", *(["mode"] if has_modes else [])]).to_pydict()
+    if has_modes and not set(columns["mode"]) <= set(MODES):
+        raise InputError(f"column `mode` holds {sorted(set(columns['mode']) - set(MODES))}; expected one of {list(MODES)}",
+                         root)
     categories = sorted(set(columns["category"]))
     if manifest is None and len(categories) != 1:
         raise InputError(f"the frozen dataset mixes categories {categories}; train one per category", root)
@@ -126,7 +132,7 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = Non
     except ValueError as exc:
         raise InputError(str(exc), root) from None
     return SyntheticRows(root, list(label.names), images, masks, columns["label"], columns["task_id"],
-                         categories[0])
+                         categories[0], columns.get("mode"))
 
 
 def split_holdout(task_ids: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
@@ -173,6 +179,13 @@ class SyntheticPool:
         mask = decode_png(self.rows.masks[row])
         mask = resize_mask(mask.max(axis=-1) > 127 if mask.ndim == 3 else mask > 127, self.size)
         return LabelledImage(image, mask.astype(np.int64) * (self.rows.labels[row] + 1))
+
+
+def recipe_rows(pool: SyntheticPool) -> SyntheticPool:
+    """The rows of `pool` whose defect a recipe (or a prompt) made, not cut from a real anomaly shot;
+    all of them for a dataset that does not record how (`SyntheticRows.modes` is None)."""
+    modes = pool.rows.modes
+    return SyntheticPool(pool.rows, [i for i in pool.indices if modes is None or modes[i] == ZERO_SHOT], pool.size)
 
 
 class ShotPool:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from discriminator import losses
 from discriminator.config import TrainConfig
-from discriminator.data import ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, pool_tensors, to_tensors
+from discriminator.data import (ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, pool_tensors, recipe_rows,
+                                to_tensors)
 from discriminator.metrics import best_f1
 from discriminator.memory import FLIPS
 from discriminator.model import MemoryDetectionHead, learned_evidence
@@ -350,12 +351,15 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
 
     # 5. type prototypes (buffers saved in the checkpoint), added to the learned type logits: each
     #    type's mean defect-region feature over the real anomaly shots (few-shot), else over the
-    #    synthetic training rows (zero-shot), both sides taken from the normal shots' mean feature;
+    #    synthetic training rows (zero-shot), both sides taken from the normal shots' mean feature
+    #    (few-shot, the evidence branch gets its own from the recipe-made synthetic rows);
     #    with train.learned_weight > 0 the knn head's pixel map then adds the learned evidence
     #    (standardised on the normal shots), which training itself never saw; then calibrate the
     #    thresholds on held-out synthetic rows + the normal shots and store them in the config
     if config.prototypes:
         model.build_prototypes(prototype_sources(data), normals=normals)
+        if model.evidence_branch is not None and data.anomaly_shots:
+            model.build_prototypes(pool_tensors(recipe_rows(data.dataset.pools[SYNTHETIC_POOL])), for_branch=True)
     model.build_learned_evidence(normals, config.learned_weight, config.image_evidence_weight)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)

@@ -54,6 +54,7 @@ class DatasetRow:
     seed: int
     score: float  # selection score of the kept candidate
     task_id: str  # stable; the resume key
+    mode: str  # how the defect was made (`core.shards.MODES`): by a recipe, or cut from a real anomaly shot
 
 
 @dataclass
@@ -99,8 +100,18 @@ def dataset_features(class_names: Sequence[str]) -> datasets.Features:
             "seed": datasets.Value("int64"),
             "score": datasets.Value("float32"),
             "task_id": datasets.Value("string"),
+            "mode": datasets.Value("string"),
         }
     )
+
+
+# columns a dataset written before them lacks; it still validates and trains (`legacy_features`)
+ADDED_COLUMNS = ("mode",)
+
+
+def legacy_features(features: datasets.Features) -> datasets.Features:
+    """The schema of a dataset written before `ADDED_COLUMNS` existed."""
+    return datasets.Features({k: v for k, v in features.items() if k not in ADDED_COLUMNS})
 
 
 def shard_path(out_dir: str | Path, index: int, total: int) -> Path:
@@ -121,6 +132,7 @@ def rows_to_table(rows: Sequence[DatasetRow], features: datasets.Features) -> pa
         "seed": [int(r.seed) for r in rows],
         "score": [float(r.score) for r in rows],
         "task_id": [r.task_id for r in rows],
+        "mode": [r.mode for r in rows],
     }
     return pa.Table.from_pydict(columns, schema=features.arrow_schema)
 
@@ -171,7 +183,8 @@ def _features_of(path: Path) -> datasets.Features:
 
 
 def validate_dataset(out_dir: str | Path) -> DatasetSummary:
-    """Check a finished dataset: every shard present, one schema, each task id once."""
+    """Check a finished dataset: every shard present, one schema (today's, or one written before
+    `ADDED_COLUMNS` existed), each task id once."""
     out_dir = Path(out_dir)
     shards = list_shards(out_dir)
     if not shards:
@@ -189,6 +202,8 @@ def validate_dataset(out_dir: str | Path) -> DatasetSummary:
     if not isinstance(label, datasets.ClassLabel):
         raise InputError("column `label` is not a ClassLabel", shards[0])
     expected = dataset_features(label.names)
+    if _features_of(shards[0]) == legacy_features(expected):
+        expected = legacy_features(expected)
     seen: set[str] = set()
     counts: Counter[int] = Counter()
     fallbacks: dict[str, str] = {}
@@ -259,7 +274,9 @@ def card_text(info: CardInfo) -> str:
         f"Synthetic anomalies painted on normal images of `{info.category}` by `uniadc synthesize`",
         "(a re-implementation of UniADC, arXiv 2511.06644). Each row is one image with its pixel mask",
         "(L, 0/255), its anomaly type (`label`), the normal image it was painted on (`source_id`),",
-        "the prompt, the strength and selection score of the kept candidate, and a stable `task_id`.",
+        "the prompt, the strength and selection score of the kept candidate, a stable `task_id`, and",
+        "how the defect was made (`mode`: `zero_shot`, painted by a recipe or a prompt; `few_shot`, cut",
+        "from one of the real anomaly shots and pasted).",
         "",
         "## How it was made",
         "",

@@ -48,7 +48,7 @@ from synthesis.shots import SHOTS_FILE
 log = logging.getLogger(__name__)
 
 STATE_NAME = "render_state.json"
-Mode = Literal["zero_shot", "few_shot"]
+Mode = Literal["zero_shot", "few_shot"]  # `core.shards.MODES`, the dataset's `mode` column
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,7 @@ def render_chunk(
                     seed=task.seed,
                     score=score,
                     task_id=task.task_id,
+                    mode=task.mode,
                 )
             on_task_done(len(batch))
     return rows  # type: ignore[return-value]  # every position belongs to exactly one mode
@@ -297,8 +298,11 @@ def render_state(
     params = dataclasses.asdict(config)
     shaping = {k: v for k, v in params.items() if k != "batch_size"}  # batch size never changes a row
     plan = [(t.task_id, t.mode, t.seed) for t in tasks]
+    # the columns too: shards of an older schema must not be resumed into one with a new column
+    columns = list(dataset_features(inputs.class_names))
     blob = json.dumps(
-        [plan, num_shards, inputs.category, inputs.class_names, shaping, backend_name, scorer_name, _inputs_digest(inputs)],
+        [plan, num_shards, inputs.category, inputs.class_names, shaping, backend_name, scorer_name, _inputs_digest(inputs),
+         columns],
         sort_keys=True,
     )
     return {
@@ -310,6 +314,7 @@ def render_state(
         "backend": backend_name,
         "global_seed": int(global_seed),
         "params": params,
+        "columns": columns,
     }
 
 
@@ -327,6 +332,8 @@ def changed_settings(previous: dict, state: dict) -> list[str]:
     """Names of what differs between two jobs' states, for the refusal message."""
     changed = [key for key in ("global_seed", "category", "class_names", "backend", "num_tasks")
                if previous.get(key) != state.get(key)]
+    if previous.get("columns") != state.get("columns"):
+        changed.append("the dataset's columns (written by another version of uniadc)")
     old_params, new_params = previous.get("params") or {}, state.get("params") or {}
     changed += [f"synthesis.{key}" for key in sorted(set(old_params) | set(new_params))
                 if key != "batch_size" and old_params.get(key) != new_params.get(key)]

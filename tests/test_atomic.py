@@ -45,7 +45,7 @@ def test_shard_and_checkpoint_writers_use_the_umask(tmp_path, umask_022):
     from discriminator.model import CONFIG_NAME, WEIGHTS_NAME, Discriminator, DiscriminatorConfig
     from synthesis.dataset import DatasetRow, dataset_features, write_shard
 
-    row = DatasetRow(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool), 0, "c", "s", "p", 0.5, "b", 1, 0.1, "t")
+    row = DatasetRow(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool), 0, "c", "s", "p", 0.5, "b", 1, 0.1, "t", "zero_shot")
     shard = tmp_path / "data" / "train-00000-of-00001.parquet"
     write_shard([row], shard, dataset_features(["crack"]))
     config = DiscriminatorConfig(category="c", class_names=["crack"], width=8,

@@ -30,6 +30,7 @@ from discriminator.data import (
     build_training_data,
     load_synthetic_rows,
     photometric,
+    recipe_rows,
     split_holdout,
     step_rng,
 )
@@ -68,8 +69,9 @@ def paint(image: np.ndarray, anomaly_type: str, rng: np.random.Generator) -> tup
 
 
 def write_frozen_dataset(root: Path, rows: int = 24, class_names=TYPES, category: str = CATEGORY,
-                         seed: int = 0) -> Path:
-    """The frozen dataset's on-disk form (schema of DESIGN.md), written without the synthesis code."""
+                         seed: int = 0, modes: list[str] | None = None) -> Path:
+    """The frozen dataset's on-disk form (schema of DESIGN.md), written without the synthesis code;
+    with `modes` (one per row) it has the `mode` column, else it is a dataset written before it."""
     rng = np.random.default_rng(seed)
     columns = {k: [] for k in ("image", "mask", "label", "category", "source_id", "prompt", "strength",
                                "backend", "seed", "score", "task_id")}
@@ -94,6 +96,9 @@ def write_frozen_dataset(root: Path, rows: int = 24, class_names=TYPES, category
         "backend": datasets.Value("string"), "seed": datasets.Value("int64"),
         "score": datasets.Value("float32"), "task_id": datasets.Value("string"),
     })
+    if modes is not None:
+        columns["mode"] = list(modes)
+        features["mode"] = datasets.Value("string")
     (root / "data").mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(columns, features=features).to_parquet(root / "data/train-00000-of-00001.parquet")
     return root
@@ -145,6 +150,22 @@ def test_rows_become_type_maps_with_normal_zero(frozen):
     for i, item in enumerate(pool):
         assert item.image.shape == (32, 32, 3) and item.type_map.shape == (32, 32)
         assert set(np.unique(item.type_map)) == {0, rows.labels[i] + 1}
+
+
+def test_recipe_rows_are_those_no_real_shot_was_cut_for(tmp_path, frozen):
+    _, manifest = frozen
+    modes = ["zero_shot", "few_shot", "few_shot", "zero_shot"] * 6
+    rows = load_synthetic_rows(write_frozen_dataset(tmp_path / "modes", modes=modes), manifest)
+    assert rows.modes == modes
+    pool = SyntheticPool(rows, [0, 1, 2, 3, 4, 7, 9], 32)
+    assert recipe_rows(pool).indices == [0, 3, 4, 7] and recipe_rows(pool).size == 32
+    # a dataset written before the column cannot tell: every row counts
+    legacy = load_synthetic_rows(write_frozen_dataset(tmp_path / "legacy"), manifest)
+    assert legacy.modes is None
+    assert recipe_rows(SyntheticPool(legacy, [0, 1, 2], 32)).indices == [0, 1, 2]
+    bad = write_frozen_dataset(tmp_path / "bad", rows=4, modes=["zero_shot", "cut", "zero_shot", "few_shot"])
+    with pytest.raises(InputError, match=r"bad: column `mode` holds \['cut'\]"):
+        load_synthetic_rows(bad, manifest)
 
 
 def test_anomaly_shots_carry_their_manifest_label(frozen):

@@ -14,10 +14,12 @@ import yaml
 from huggingface_hub.utils import filter_repo_objects
 
 from core.errors import InputError
+from core.shards import MODES
 from synthesis.dataset import (
     CardInfo,
     DatasetRow,
     dataset_features,
+    legacy_features,
     push_to_hub,
     remove_stale_temp_files,
     shard_path,
@@ -45,6 +47,7 @@ def make_row(i: int, size: int = 16) -> DatasetRow:
         seed=10_000_000_000 + i,  # beyond int32
         score=0.25,
         task_id=f"t-{i:05d}",
+        mode=MODES[i % 2],
     )
 
 
@@ -148,6 +151,25 @@ def test_validate_rejects_schema_mismatch(tmp_path):
     write_shard([make_row(1)], shard_path(tmp_path, 1, 2), dataset_features([*CLASSES, "hole"]))
     with pytest.raises(InputError, match="train-00001-of-00002.parquet: schema differs"):
         validate_dataset(tmp_path)
+
+
+def test_a_dataset_written_before_the_mode_column_still_validates(tmp_path):
+    rows = write_dataset(tmp_path / "new")
+    assert pq.read_table(shard_path(tmp_path / "new", 0, 2)).column("mode").to_pylist() == ["zero_shot", "few_shot",
+                                                                                             "zero_shot"]
+    assert validate_dataset(tmp_path / "new").num_rows == len(rows)
+    old = legacy_features(dataset_features(CLASSES))
+    assert "mode" not in old and set(dataset_features(CLASSES)) - set(old) == {"mode"}
+    for s in range(2):  # the old schema: the same rows without the column
+        table = pq.read_table(shard_path(tmp_path / "new", s, 2)).drop(["mode"])
+        table = table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": old.to_dict()}})})
+        shard_path(tmp_path / "old", s, 2).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, shard_path(tmp_path / "old", s, 2))
+    assert validate_dataset(tmp_path / "old").num_rows == len(rows)
+    # but never the two schemas mixed in one dataset
+    shard_path(tmp_path / "old", 1, 2).write_bytes(shard_path(tmp_path / "new", 1, 2).read_bytes())
+    with pytest.raises(InputError, match="train-00001-of-00002.parquet: schema differs"):
+        validate_dataset(tmp_path / "old")
 
 
 def test_stale_temp_files_are_invisible_and_removable(tmp_path):

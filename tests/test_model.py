@@ -126,15 +126,33 @@ def test_evidence_branch_feeds_the_knn_evidence_and_leaves_the_type_logits(tmp_p
         assert not torch.allclose(branched(x).detection_logits, plain(x).detection_logits)
     # with type prototypes the branch's logits get them too, over its own temperature
     branched.build_prototypes([(images(1, seed=3)[0], (images(1, seed=3)[0, 0] > 0.8).long())])
+    branch_temperature = branched.evidence_branch.temperature
     with torch.no_grad():
         features, _, class_logits = branched.embed_and_type(x)
         raw = branched.evidence_branch([features[i] for i in branched.levels])
-        prototypes = branched.prototype_logits(features, raw, branched.evidence_branch.temperature)
+        prototypes = branched.prototype_logits(features, raw, branch_temperature, branched.type_prototypes,
+                                               branched.prototype_valid)
         assert torch.allclose(branched.evidence_logits(features, class_logits), raw + prototypes)
+    # ... or prototypes of its own (training's: the recipe-made rows), and the type logits keep theirs
+    branched.build_prototypes([_shot(4, 2), _shot(5, 3)], for_branch=True)
+    assert branched.config.branch_prototypes and branched.branch_prototype_valid.tolist() == [False, True, True]
+    assert not torch.equal(branched.branch_prototypes[2], branched.type_prototypes[2])
+    with torch.no_grad():
+        features, _, after = branched.embed_and_type(x)
+        assert torch.equal(after, class_logits)
+        own = branched.prototype_logits(features, raw, branch_temperature, branched.branch_prototypes,
+                                        branched.branch_prototype_valid)
+        assert not torch.allclose(own, prototypes)
+        assert torch.allclose(branched.evidence_logits(features, class_logits), raw + own)
     branched.save_pretrained(tmp_path / "ckpt")
     loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
-    assert loaded.config.evidence_branch and not loaded.config.normal_embedding
+    assert loaded.config.evidence_branch and loaded.config.branch_prototypes and not loaded.config.normal_embedding
+    assert torch.equal(loaded.branch_prototypes, branched.branch_prototypes)
     assert_same_outputs(branched, loaded)
+    with pytest.raises(ValueError, match="branch prototypes need an evidence branch"):
+        plain.build_prototypes([_shot(4, 2)], for_branch=True)
+    with pytest.raises(InputError, match="branch_prototypes needs evidence_branch"):
+        make_config(branch_prototypes=True)
     with pytest.raises(InputError, match="evidence_branch needs the knn detection head"):
         make_config(evidence_branch=True)
 
@@ -357,7 +375,7 @@ def test_prototypes_are_the_shots_region_features_and_pull_their_own_type(tmp_pa
     with torch.no_grad():
         for (image, type_map), own in zip(shots, (0, 2)):
             logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64),
-                                            model.temperature)
+                                            model.temperature, model.type_prototypes, model.prototype_valid)
             assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
             # the type without a prototype sits at the mean of the others: no pull either way
             torch.testing.assert_close(logits[0, 1], logits[0, [0, 2]].mean(dim=0))
@@ -380,13 +398,13 @@ def test_centred_prototypes_compare_departures_from_the_normal_mean(tmp_path):
         image = shots[0][0]
         feats = model_patch_features(model, image)
         logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, *feats.shape[-2:]),
-                                        model.temperature)
+                                        model.temperature, model.type_prototypes, model.prototype_valid)
         pixels = torch.nn.functional.normalize(feats - center[:, None, None], dim=0)
         expected = torch.einsum("dhw,d->hw", pixels, torch.nn.functional.normalize(model.type_prototypes[0] - center, dim=0))
         torch.testing.assert_close(logits[0, 0], expected / model.temperature, rtol=1e-4, atol=1e-4)
         for (image, type_map), own in zip(shots, (0, 2)):
             logits = model.prototype_logits(model.backbone(image[None]), torch.zeros(1, 3, 64, 64),
-                                            model.temperature)
+                                            model.temperature, model.type_prototypes, model.prototype_valid)
             assert int(logits[0][:, type_map > 0].mean(dim=1).argmax()) == own
     # the centre travels in the checkpoint; a checkpoint without one loads uncentred
     model.save_pretrained(tmp_path / "ckpt")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import textwrap
+from unittest import mock
 from pathlib import Path
 
 import datasets
@@ -19,7 +21,7 @@ from core.images import write_png
 from core.manifest import Manifest, Sample
 from synthesis.backends.base import Candidate
 from synthesis.config import SynthesisConfig
-from synthesis.dataset import shard_path, validate_dataset
+from synthesis.dataset import dataset_features, legacy_features, shard_path, validate_dataset
 from synthesis.render import (
     STATE_NAME,
     RenderInputs,
@@ -28,6 +30,7 @@ from synthesis.render import (
     plan_tasks,
     read_state,
     render,
+    render_state,
     shards_of_rank,
 )
 from synthesis.seeding import derive_seed, numpy_rng
@@ -159,6 +162,7 @@ def test_render_writes_loadable_dataset_in_plan_order(tmp_path):
     assert ds["seed"] == [t.seed for t in plan]
     assert set(ds["backend"]) == {"fake"} and set(ds["category"]) == {"tile"}
     assert set(ds["source_id"]) <= {"good/000.png", "good/001.png", "good/002.png"}
+    assert ds["mode"] == [t.mode for t in plan] and set(ds["mode"]) == {"zero_shot", "few_shot"}
     assert all(p.startswith("a photo of a tile with a ") for p in ds["prompt"])
     for row, task in zip(ds, plan):
         mask = np.asarray(row["mask"]) > 0
@@ -227,6 +231,23 @@ def test_changed_settings_refuse_to_replace_a_finished_dataset(tmp_path):
                                          r"synthesis.shard_size, synthesis.strengths\).*--overwrite"):
         run(out, make_config(strengths=[0.9], shard_size=4))
     assert dir_bytes(out) == before  # nothing touched
+
+
+def test_a_render_of_an_older_schema_is_never_resumed_into_the_new_one(tmp_path):
+    out = tmp_path / "out"
+    run(out)  # all shards, no card yet: a render that could still be resumed
+    tasks = plan_tasks(TYPES, 5, ["crack"], 0.5, SEED)
+    args = (tasks, 4, make_inputs(), make_config(), "fake", "VisibilityScorer", SEED)
+    state = render_state(*args)
+    assert state == json.loads((out / "render_state.json").read_text()) and state["columns"][-1] == "mode"
+    with mock.patch("synthesis.render.dataset_features", lambda names: legacy_features(dataset_features(names))):
+        older = render_state(*args)  # the same job with the columns before `mode`
+    assert older["fingerprint"] != state["fingerprint"] and older["columns"] == state["columns"][:-1]
+    (out / "render_state.json").write_text(json.dumps(older))
+    before = dir_bytes(out)
+    with pytest.raises(InputError, match=r"changed: the dataset's columns \(written by another version"):
+        run(out)
+    assert dir_bytes(out) == before
 
 
 def test_overwrite_replaces_only_the_tools_own_files(tmp_path):

@@ -330,6 +330,9 @@ def test_auto_with_real_anomaly_shots_trains_an_evidence_branch_with_the_normal_
     model = Discriminator.from_pretrained(out)
     assert model.config.evidence_branch and not model.config.normal_embedding
     assert all(step["branch_ce"] > 0 for step in json.loads((out / "train_log.json").read_text())["log"])
+    # its type prototypes are its own (the module's dataset predates the `mode` column: every row counts)
+    assert model.config.branch_prototypes and model.branch_prototype_valid.all()
+    assert not torch.allclose(model.branch_prototypes, model.type_prototypes)
     untrained = Discriminator(dataclasses.replace(model.config))  # the same seed's initial weights
     for name in ("normal_embedding", "embed.weight", "type_embeddings.weight"):
         trained_value = model.evidence_branch.get_parameter(name)
@@ -344,6 +347,19 @@ def test_auto_with_real_anomaly_shots_trains_an_evidence_branch_with_the_normal_
     assert shared and not torch.equal(plain.embed.weight, untrained.embed.weight)  # trained, not initial
     for key in [*shared, "log_temperature"]:
         assert torch.equal(plain.state_dict()[key], model.state_dict()[key]), key
+
+
+def test_the_evidence_branch_takes_its_prototypes_from_recipe_made_rows_only(tmp_path, trained):
+    _, _, manifest, _ = trained
+    labels = [i % len(TYPES) for i in range(24)]  # write_frozen_dataset's labels
+    modes = ["few_shot" if label == 0 else "zero_shot" for label in labels]  # type 0: only pasted rows
+    dataset = write_frozen_dataset(tmp_path / "synthetic", rows=24, modes=modes)
+    params = tiny_params(steps=2)
+    params.train.detection_head = "knn"
+    run_train(params, dataset, manifest, tmp_path / "model", show_progress=False)
+    model = Discriminator.from_pretrained(tmp_path / "model")
+    assert model.config.branch_prototypes and model.branch_prototype_valid.tolist() == [False, *[True] * (len(TYPES) - 1)]
+    assert model.prototype_valid.all()  # the type logits' from the real shots, one of each type
 
 
 def test_evidence_loss_trains_the_type_logits_on_normal_pixels_too_and_is_not_saved(trained):
