@@ -114,11 +114,11 @@ def load_synthetic_rows(dataset_dir: str | Path, manifest: Manifest | None = Non
         )
     if table.num_rows == 0:
         raise InputError("the frozen dataset has no rows", root)
-    has_modes = "mode" in table.column_names
-    columns = table.select(["image", "mask", "label", "category", "task_id", *(["mode"] if has_modes else [])]).to_pydict()
-    if has_modes and not set(columns["mode"]) <= set(MODES):
-        raise InputError(f"column `mode` holds {sorted(set(columns['mode']) - set(MODES))}; expected one of {list(MODES)}",
-                         root)
+    has_modes = "mode" in table.column_names  # datasets written before the column lack it
+    columns = table.select(["image", "mask", "label", "category", "task_id", *(["mode"] * has_modes)]).to_pydict()
+    unknown = sorted(set(columns.get("mode", [])) - set(MODES))
+    if unknown:
+        raise InputError(f"column `mode` holds {unknown}; expected one of {list(MODES)}", root)
     categories = sorted(set(columns["category"]))
     if manifest is None and len(categories) != 1:
         raise InputError(f"the frozen dataset mixes categories {categories}; train one per category", root)
