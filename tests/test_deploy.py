@@ -45,7 +45,7 @@ def textured_images(count: int, seed: int, defects: bool) -> torch.Tensor:
 def exported(tmp_path_factory):
     """A tiny random-weight `knn` checkpoint (self-similarity, exposure matching, centred
     prototypes, the learned evidence in both maps and, as a few-shot model has it, the defect memory
-    in both maps and the evidence branch, as shipped; and the zero-shot model's normal embedding) with
+    in both maps and the evidence branch with its own prototypes, as shipped; and the zero-shot model's normal embedding) with
     a filled memory and thresholds inside its value range (so decisions go both ways), and its two
     exports."""
     root = tmp_path_factory.mktemp("deploy")
@@ -60,6 +60,9 @@ def exported(tmp_path_factory):
     defect = textured_images(1, seed=3, defects=True)[0]
     model.build_defect_memory([(defect, (defect[0] < 0.1).long())], normals)
     model.build_prototypes([(defect, (defect[0] < 0.1).long())], normals=normals)
+    recipe = textured_images(1, seed=4, defects=True)[0]  # the branch's own, as training builds them
+    model.build_prototypes([(recipe, (recipe[0] < 0.1).long() * 2)], for_branch=True)
+    assert model.config.branch_prototypes
     model.build_learned_evidence(normals, 0.25, image_weight=1.0)
     assert model.memory.defect_entries > 0 and model.config.learned_weight == 0.25
     assert model.config.image_evidence_weight == 1.0
