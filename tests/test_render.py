@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import textwrap
+import typing
 from unittest import mock
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import pytest
 from core.errors import InputError
 from core.images import write_png
 from core.manifest import Manifest, Sample
+from core.shards import MODES
 from synthesis.backends.base import Candidate
 from synthesis.config import SynthesisConfig
 from synthesis.dataset import dataset_features, legacy_features, shard_path, validate_dataset
 from synthesis.render import (
     STATE_NAME,
+    Mode,
     RenderInputs,
     chunk_tasks,
     finalize,
@@ -131,6 +134,7 @@ def test_plan_is_deterministic_with_stable_ids_and_seeds():
 
 
 def test_plan_few_shot_share_is_exact_and_only_for_types_with_shots():
+    assert typing.get_args(Mode) == MODES  # a task's mode is what the dataset's `mode` column holds
     plan = plan_tasks(TYPES, 10, ["crack"], 0.3, SEED)
     modes = {t: [task.mode for task in plan if task.anomaly_type == t] for t in TYPES}
     assert modes["crack"].count("few_shot") == 3
