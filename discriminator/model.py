@@ -584,12 +584,11 @@ class Discriminator(nn.Module):
         if branch is None:
             return class_logits
         logits = branch([features[i] for i in self.levels])
-        if self.config.branch_prototypes:
-            logits = logits + self.prototype_logits(
-                features, logits, branch.temperature, self.branch_prototypes, self.branch_prototype_valid)
-        elif self.config.prototypes:
-            logits = logits + self.prototype_logits(
-                features, logits, branch.temperature, self.type_prototypes, self.prototype_valid)
+        if self.config.prototypes:  # branch_prototypes implies prototypes (`DiscriminatorConfig.validate`)
+            own = self.config.branch_prototypes
+            prototypes = self.branch_prototypes if own else self.type_prototypes
+            valid = self.branch_prototype_valid if own else self.prototype_valid
+            logits = logits + self.prototype_logits(features, logits, branch.temperature, prototypes, valid)
         return logits
 
     @torch.no_grad()

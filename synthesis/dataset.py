@@ -202,7 +202,7 @@ def validate_dataset(out_dir: str | Path) -> DatasetSummary:
     if not isinstance(label, datasets.ClassLabel):
         raise InputError("column `label` is not a ClassLabel", shards[0])
     expected = dataset_features(label.names)
-    if _features_of(shards[0]) == legacy_features(expected):
+    if features == legacy_features(expected):
         expected = legacy_features(expected)
     seen: set[str] = set()
     counts: Counter[int] = Counter()
