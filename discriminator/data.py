@@ -288,9 +288,19 @@ def to_tensors(item: LabelledImage) -> tuple[torch.Tensor, torch.Tensor]:
     return image, torch.from_numpy(np.ascontiguousarray(item.type_map)).long()
 
 
+def iter_pool_tensors(pool: ImagePool | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every item of a pool (none when there is no pool) as `to_tensors` gives it, in order, decoded
+    one at a time: what is read once (type prototypes over thousands of synthetic rows) need not
+    hold the whole pool's tensors in memory."""
+    if pool is None:
+        return
+    for i in range(len(pool)):
+        yield to_tensors(pool[i])
+
+
 def pool_tensors(pool: ImagePool | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every item of a pool (none when there is no pool) as `to_tensors` gives it, in order."""
-    return [] if pool is None else [to_tensors(pool[i]) for i in range(len(pool))]
+    """`iter_pool_tensors` as a list, for what is read more than once."""
+    return list(iter_pool_tensors(pool))
 
 
 def step_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -242,6 +242,12 @@ def type_similarity(pixels: Tensor, types: Tensor, normal: Tensor | None = None)
     return similarity
 
 
+def bounded_temperature(log_temperature: Tensor, floor: float) -> Tensor:
+    """A learnable cosine temperature (kept as its log) that never falls below `floor`: one rule for
+    the type logits and the evidence branch's."""
+    return log_temperature.exp().clamp_min(floor)
+
+
 class EvidenceBranch(nn.Module):
     """Type logits measured against a normal embedding, from a fusion of their own, trained with the
     C+1-way loss (`losses.normal_class_cross_entropy`): what the `knn` head's learned evidence reads
@@ -265,7 +271,7 @@ class EvidenceBranch(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        return self.log_temperature.exp().clamp_min(self.min_temperature)
+        return bounded_temperature(self.log_temperature, self.min_temperature)
 
     def forward(self, levels: list[Tensor]) -> Tensor:
         """The backbone levels the discriminator fuses -> (B, C, h, w) type logits against normal."""
@@ -555,7 +561,7 @@ class Discriminator(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        return self.log_temperature.exp().clamp_min(self.config.min_temperature)
+        return bounded_temperature(self.log_temperature, self.config.min_temperature)
 
     def forward(self, images: Tensor) -> DiscriminatorOutput:
         """images (B, 3, H, W) in [0, 1] -> logits at the input resolution."""
@@ -706,7 +712,7 @@ class Discriminator(nn.Module):
         return (sims / temperature).to(like.dtype)
 
     @torch.no_grad()
-    def build_prototypes(self, shots: list[tuple[Tensor, Tensor]], normals: list[Tensor] | None = None,
+    def build_prototypes(self, shots: Iterable[tuple[Tensor, Tensor]], normals: list[Tensor] | None = None,
                          for_branch: bool = False) -> None:
         """Each type's prototype = the mean frozen feature over its examples' defect regions
         ((3, H, W) image in [0, 1], (H, W) type map 0 / 1..C): the real anomaly shots (one real

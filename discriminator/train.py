@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from discriminator import losses
 from discriminator.config import TrainConfig
-from discriminator.data import (ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, pool_tensors, recipe_rows,
-                                to_tensors)
+from discriminator.data import (ANOMALY_POOL, SYNTHETIC_POOL, ImagePool, TrainingData, iter_pool_tensors, pool_tensors,
+                                recipe_rows, to_tensors)
 from discriminator.metrics import best_f1
 from discriminator.memory import FLIPS
 from discriminator.model import MemoryDetectionHead, learned_evidence
@@ -281,10 +281,10 @@ def evidence_objective(model: torch.nn.Module, config: TrainConfig) -> losses.Ev
     return losses.EvidenceObjective(config.evidence_loss)
 
 
-def prototype_sources(data: TrainingData) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(image, type map) pairs the type prototypes are built from: the real anomaly shots when
-    there are any, else the synthetic training rows (never the held-out ones)."""
-    return pool_tensors(data.dataset.pools[ANOMALY_POOL if data.anomaly_shots else SYNTHETIC_POOL])
+def prototype_sources(data: TrainingData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, type map) pairs the type prototypes are built from, decoded as they are read: the
+    real anomaly shots when there are any, else the synthetic training rows (never the held-out ones)."""
+    return iter_pool_tensors(data.dataset.pools[ANOMALY_POOL if data.anomaly_shots else SYNTHETIC_POOL])
 
 
 def train_discriminator(model: torch.nn.Module, data: TrainingData, config: TrainConfig,
@@ -359,7 +359,8 @@ def train_discriminator(model: torch.nn.Module, data: TrainingData, config: Trai
     if config.prototypes:
         model.build_prototypes(prototype_sources(data), normals=normals)
         if model.evidence_branch is not None and data.anomaly_shots:
-            model.build_prototypes(pool_tensors(recipe_rows(data.dataset.pools[SYNTHETIC_POOL])), for_branch=True)
+            model.build_prototypes(iter_pool_tensors(recipe_rows(data.dataset.pools[SYNTHETIC_POOL])),
+                                   for_branch=True)
     model.build_learned_evidence(normals, config.learned_weight, config.image_evidence_weight)
     calibration = calibrate(model, data, device, config.batch_size)
     calibration.detection_scale, calibration.detection_bias = platt or (None, None)

@@ -298,10 +298,35 @@ def test_prototype_sources_are_the_real_shots_else_the_synthetic_training_rows()
                                anomaly_shots=len(real))
     zero_shot = SimpleNamespace(dataset=SimpleNamespace(pools={ANOMALY_POOL: pool(0, 0), SYNTHETIC_POOL: synthetic}),
                                 anomaly_shots=0)
-    sources = prototype_sources(few_shot)
+    sources = list(prototype_sources(few_shot))
     assert len(sources) == 2 and all(image.max() == pytest.approx(200 / 255) for image, _ in sources)
-    sources = prototype_sources(zero_shot)
+    sources = list(prototype_sources(zero_shot))
     assert len(sources) == 3 and all(image.max() == pytest.approx(100 / 255) for image, _ in sources)
+
+
+def test_prototype_sources_are_decoded_as_they_are_read():
+    """Thousands of synthetic rows feed the prototypes: never all of their tensors at once."""
+    from types import SimpleNamespace
+
+    from discriminator.data import SYNTHETIC_POOL, LabelledImage
+    from discriminator.train import prototype_sources
+
+    class CountingPool:
+        decoded = 0
+
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: int) -> LabelledImage:
+            CountingPool.decoded += 1
+            return LabelledImage(np.full((4, 4, 3), index, np.uint8), np.ones((4, 4), np.int64))
+
+    data = SimpleNamespace(dataset=SimpleNamespace(pools={SYNTHETIC_POOL: CountingPool()}), anomaly_shots=0)
+    sources = prototype_sources(data)
+    assert CountingPool.decoded == 0  # nothing decoded before it is read
+    first = next(sources)
+    assert CountingPool.decoded == 1 and first[0].max() == 0
+    assert [int(image.max() * 255) for image, _ in sources] == [1, 2] and CountingPool.decoded == 3
 
 
 def test_normal_embedding_is_trained_and_saved(trained):
