@@ -326,7 +326,7 @@ def test_prototype_sources_are_decoded_as_they_are_read():
     assert CountingPool.decoded == 0  # nothing decoded before it is read
     first = next(sources)
     assert CountingPool.decoded == 1 and first[0].max() == 0
-    assert [int(image.max() * 255) for image, _ in sources] == [1, 2] and CountingPool.decoded == 3
+    assert [round(float(image.max()) * 255) for image, _ in sources] == [1, 2] and CountingPool.decoded == 3
 
 
 def test_normal_embedding_is_trained_and_saved(trained):
