@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from discriminator.config import TrainConfig, normal_fraction
+from discriminator.config import TrainConfig
 from discriminator.exposure import GAIN_RANGE, GAMMA_RANGE, OFFSET_RANGE
 from core.errors import InputError
 from core.images import decode_png, read_sample, resize_image, resize_mask
@@ -330,9 +330,8 @@ class BatchComposition:
 
 def batch_composition(batch_size: int, config: TrainConfig, n_normal: int, n_anomaly: int,
                       n_synthetic: int) -> BatchComposition:
-    """How many slots of a batch each pool fills; an empty pool's share goes to the synthetic rows.
-    The normal shots' share depends on whether there are real anomaly shots (`normal_fraction`)."""
-    normal = round(batch_size * normal_fraction(config.real_normal_fraction, n_anomaly)) if n_normal else 0
+    """How many slots of a batch each pool fills; an empty pool's share goes to the synthetic rows."""
+    normal = round(batch_size * config.real_normal_fraction) if n_normal else 0
     anomaly = round(batch_size * config.real_anomaly_fraction) if n_anomaly else 0
     normal, anomaly = max(normal, 1 if n_normal else 0), max(anomaly, 1 if n_anomaly else 0)
     synthetic = batch_size - normal - anomaly if n_synthetic else 0

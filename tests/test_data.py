@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from discriminator.config import TrainConfig, normal_fraction
+from discriminator.config import TrainConfig
 from discriminator.data import (
     ANOMALY_POOL,
     NORMAL_POOL,
@@ -217,7 +217,7 @@ def test_holdout_is_stable_disjoint_and_sized():
 
 
 def test_batches_mix_pools_in_fixed_shares_and_are_reproducible():
-    config = TrainConfig(batch_size=8, real_normal_fraction=0.25)
+    config = TrainConfig(batch_size=8)
     composition = batch_composition(8, config, n_normal=2, n_anomaly=3, n_synthetic=10)
     assert (composition.normal, composition.anomaly, composition.synthetic) == (2, 1, 5)
     sizes = {NORMAL_POOL: 2, ANOMALY_POOL: 3, SYNTHETIC_POOL: 10}
@@ -233,17 +233,8 @@ def test_batches_mix_pools_in_fixed_shares_and_are_reproducible():
 
 
 def test_zero_shot_gives_the_anomaly_share_to_synthetic_rows():
-    composition = batch_composition(8, TrainConfig(real_normal_fraction=0.25), n_normal=2, n_anomaly=0, n_synthetic=10)
+    composition = batch_composition(8, TrainConfig(), n_normal=2, n_anomaly=0, n_synthetic=10)
     assert (composition.normal, composition.anomaly, composition.synthetic) == (2, 0, 6)
-
-
-def test_normal_share_by_default_is_half_zero_shot_and_a_quarter_with_real_anomaly_shots():
-    zero_shot = batch_composition(8, TrainConfig(), n_normal=2, n_anomaly=0, n_synthetic=10)
-    few_shot = batch_composition(8, TrainConfig(), n_normal=2, n_anomaly=5, n_synthetic=10)
-    assert (zero_shot.normal, zero_shot.anomaly, zero_shot.synthetic) == (4, 0, 4)
-    assert (few_shot.normal, few_shot.anomaly, few_shot.synthetic) == (2, 1, 5)
-    # a share set in params.yaml holds in either setting
-    assert normal_fraction(0.375, 0) == normal_fraction(0.375, 5) == 0.375
 
 
 def test_augment_moves_image_and_type_map_together():
