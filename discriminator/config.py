@@ -14,6 +14,8 @@ from core.ranges import RULE_KEY, Rule, above, at_least, device_name, within
 class TrainConfig:
     backbone: str = "efficientnet_lite0"  # or a transformers vision model: local dir / Hub id
     backbone_layers: list[int] | None = None  # transformers: hidden-state indices; None = the model's default
+    # a second backbone for the normal-shot memory alone (same names as `backbone`); None: `backbone`
+    memory_backbone: str | None = None
     local_files_only: bool = True
     text_encoder: str | None = None  # CLIP text model (local dir / Hub id) for type embeddings; learned when None
     # embedding width: 64 and 128 tie on the MTD development part (mean Acc / bAcc / mIoU of both

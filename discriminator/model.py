@@ -84,6 +84,9 @@ class DiscriminatorConfig:
     category: str
     class_names: list[str]  # anomaly types in label-id order; normal excluded
     backbone: dict = field(default_factory=lambda: {"name": EFFICIENTNET})
+    # a second frozen backbone that only the normal-shot memory reads (`Discriminator.memory_features`);
+    # None: the memory reads `backbone` as everything else does
+    memory_backbone: dict | None = None
     levels: list[int] | None = None  # indices into the backbone's levels; None = all
     width: int = 128
     detection_head: str = "mean_logit"
@@ -175,6 +178,8 @@ class DiscriminatorConfig:
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", path)
         self.backbone = normalise_spec(self.backbone)
+        if self.memory_backbone is not None:
+            self.memory_backbone = normalise_spec(self.memory_backbone)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -497,13 +502,20 @@ class Discriminator(nn.Module):
         backbone: Backbone | None = None,
         type_embeddings: TypeEmbeddings | None = None,
         local_files_only: bool = True,
+        memory_backbone: Backbone | None = None,
     ):
         super().__init__()
         config = dataclasses.replace(config)  # never mutate the caller's copy
         num_types = len(config.class_names)
         with torch.random.fork_rng(devices=[]):  # building a backbone must not move the global RNG
             self.backbone = backbone if backbone is not None else build_backbone(config.backbone, local_files_only)
+            self.memory_backbone = None
+            if config.memory_backbone is not None:
+                self.memory_backbone = memory_backbone if memory_backbone is not None else build_backbone(
+                    config.memory_backbone, local_files_only)
         config.backbone = self.backbone.spec()
+        if self.memory_backbone is not None:
+            config.memory_backbone = self.memory_backbone.spec()
         num_levels = len(self.backbone.channels)
         self.levels = sorted(config.levels) if config.levels else list(range(num_levels))
         if len(set(self.levels)) != len(self.levels) or not all(0 <= i < num_levels for i in self.levels):
@@ -516,7 +528,7 @@ class Discriminator(nn.Module):
                 type_embeddings = self._build_type_embeddings(config, local_files_only)
             self.fusion = TopDownFusion([self.backbone.channels[i] for i in self.levels], config.width)
             self.embed = nn.Conv2d(config.width, config.width, 1)
-            self.detection_head = DETECTION_HEADS[config.detection_head](config, self.backbone)
+            self.detection_head = DETECTION_HEADS[config.detection_head](config, self.memory_backbone or self.backbone)
             if config.normal_embedding:
                 self.normal_embedding = nn.Parameter(torch.randn(config.width) * config.width**-0.5)
             self.evidence_branch = EvidenceBranch(
@@ -568,7 +580,8 @@ class Discriminator(nn.Module):
         features, fused, class_logits = self.embed_and_type(images)
         evidence = self.evidence_logits(features, class_logits)
         size = images.shape[-2:]
-        detection = F.interpolate(self.detection_head(fused, evidence, features), size=size, mode="bilinear",
+        memory_features = self.memory_features(images, features) if self.memory is not None else features
+        detection = F.interpolate(self.detection_head(fused, evidence, memory_features), size=size, mode="bilinear",
                                   align_corners=False)
         return DiscriminatorOutput(
             class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
@@ -607,14 +620,24 @@ class Discriminator(nn.Module):
         return logits
 
     @torch.no_grad()
-    def backbone_features(self, images: Tensor) -> list[Tensor]:
+    def backbone_features(self, images: Tensor, backbone: Backbone | None = None) -> list[Tensor]:
         """The frozen backbone's levels of (B, 3, H, W) images in [0, 1], after exposure matching
-        when the config asks for it: what the heads, the memory and the prototypes all read."""
-        parameter = next(self.backbone.parameters())
+        when the config asks for it: what the heads and the prototypes read, and the memory unless
+        it has a backbone of its own (`backbone`, see `memory_features`)."""
+        backbone = backbone if backbone is not None else self.backbone
+        parameter = next(backbone.parameters())
         images = images.to(parameter.device)
         if self.config.exposure_match:
             images = match_exposure(images, self.exposure_reference)
-        return self.backbone(images.to(parameter.dtype))
+        return backbone(images.to(parameter.dtype))
+
+    def memory_features(self, images: Tensor, features: list[Tensor] | None = None) -> list[Tensor]:
+        """The levels the normal-shot memory reads: the memory backbone's when the model has one
+        (`DiscriminatorConfig.memory_backbone`), else the main backbone's (`features`, when already
+        computed for these images)."""
+        if self.memory_backbone is not None:
+            return self.backbone_features(images, self.memory_backbone)
+        return features if features is not None else self.backbone_features(images)
 
     @torch.no_grad()
     def set_exposure_reference(self, shots: list[Tensor]) -> None:
@@ -638,7 +661,7 @@ class Discriminator(nn.Module):
             return
         if not shots:
             raise InputError(f"detection_head {self.config.detection_head!r} needs at least one normal shot")
-        per_shot = [patch_features(self.backbone_features(memory_views(shot)), memory.levels) for shot in shots]
+        per_shot = [patch_features(self.memory_features(memory_views(shot)), memory.levels) for shot in shots]
         memory.fill(per_shot, self.config.memory_fraction)
         self.config.memory_shape = list(memory.bank.shape[:2])
 
@@ -652,10 +675,10 @@ class Discriminator(nn.Module):
         memory = self.memory
         if memory is None or not shots:
             return
-        features = [patch_features(self.backbone_features(flipped_views(image)), memory.levels) for image, _ in shots]
+        features = [patch_features(self.memory_features(flipped_views(image)), memory.levels) for image, _ in shots]
         masks = [flipped_views(type_map > 0) for _, type_map in shots]
         memory.fill_defects(features, masks, self.config.memory_fraction)
-        memory.set_defect_ceiling([patch_features(self.backbone_features(flipped_views(image)), memory.levels)
+        memory.set_defect_ceiling([patch_features(self.memory_features(flipped_views(image)), memory.levels)
                                    for image in normals])
         self.config.defect_memory_entries = memory.defect_entries
         self.config.defect_image_weight = memory.defect_image_weight
@@ -800,10 +823,12 @@ class Discriminator(nn.Module):
             )
         with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten below
             backbone = build_backbone(config.backbone, load_weights=False)
+            memory_backbone = (build_backbone(config.memory_backbone, load_weights=False)
+                               if config.memory_backbone is not None else None)
             embeddings = None
             if config.text_dim:
                 embeddings = TextTypeEmbeddings(torch.zeros(len(config.class_names), config.text_dim), config.width)
-        model = cls(config, backbone=backbone, type_embeddings=embeddings)
+        model = cls(config, backbone=backbone, type_embeddings=embeddings, memory_backbone=memory_backbone)
         try:
             load_model(model, directory / WEIGHTS_NAME, strict=True)
         except Exception as exc:  # noqa: BLE001 - any failure here means the file does not fit the config

@@ -98,3 +98,12 @@ def test_values_out_of_range_name_the_file_and_key(tmp_path, key, value, fragmen
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu:0"])
 def test_device_names_torch_knows_are_accepted(device):
     assert load_params(None, {"train.device": device}).train.device == device
+
+
+def test_memory_backbone_reaches_the_model_config():
+    from pipelines.train import model_config
+
+    params = load_params(None, {"train.backbone": "efficientnet_lite2", "train.memory_backbone": "efficientnet_lite0"})
+    config = model_config(params, "tile", ["crack"], anomaly_shots=0)
+    assert config.backbone["name"] == "efficientnet_lite2" and config.memory_backbone["name"] == "efficientnet_lite0"
+    assert model_config(load_params(None), "tile", ["crack"], anomaly_shots=0).memory_backbone is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from discriminator.backbones import build_backbone
 from discriminator.embeddings import LearnedTypeEmbeddings, TextTypeEmbeddings, encode_type_prompts, type_prompts
@@ -155,6 +156,41 @@ def test_evidence_branch_feeds_the_knn_evidence_and_leaves_the_type_logits(tmp_p
         make_config(branch_prototypes=True)
     with pytest.raises(InputError, match="evidence_branch needs the knn detection head"):
         make_config(evidence_branch=True)
+
+
+def test_memory_backbone_feeds_the_memory_alone_and_round_trips(tmp_path):
+    """A second backbone (`memory_backbone`) is what the normal-shot memory reads; the type logits,
+    fusion and prototypes keep reading the main one."""
+    lite2 = {"name": "efficientnet_lite2", "pretrained": False}
+    model = Discriminator(make_config(backbone=lite2, memory_backbone=RANDOM_LITE0, detection_head="knn")).eval()
+    single = Discriminator(make_config(backbone=lite2, detection_head="knn")).eval()
+    x, shots = images(), list(images(2, seed=1))
+    for m in (model, single):
+        m.build_memory(shots)
+    lite0_dim = sum(build_backbone(RANDOM_LITE0, load_weights=False).channels[i] for i in model.memory.levels)
+    assert model.memory.bank.shape[-1] == lite0_dim != single.memory.bank.shape[-1]
+    with torch.no_grad():
+        features = model.backbone_features(x)
+        memory_features = model.memory_features(x, features)
+        assert [f.shape[1] for f in memory_features] == model.memory_backbone.channels != [f.shape[1] for f in features]
+        assert all(torch.equal(a, b) for a, b in zip(memory_features, model.memory_backbone(x)))
+        assert single.memory_features(x, features) is features
+        # the detection map is the memory backbone's distance; the type logits do not see that backbone
+        out = model(x)
+        expected = model.detection_head(None, model.embed_and_type(x)[2], memory_features)
+        assert torch.allclose(out.detection_logits, F.interpolate(expected[:, :1], size=x.shape[-2:], mode="bilinear",
+                                                                   align_corners=False), atol=1e-6)
+        torch.manual_seed(5)
+        for parameter in model.memory_backbone.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        changed = model(x)
+        assert torch.equal(changed.class_logits, out.class_logits)
+        assert not torch.allclose(changed.detection_logits, out.detection_logits)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())["memory_backbone"] == RANDOM_LITE0
+    loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.memory_backbone == RANDOM_LITE0
+    assert_same_outputs(model, loaded)
 
 
 def test_conv_detection_head_and_level_subset():
