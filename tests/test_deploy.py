@@ -194,3 +194,21 @@ def test_exports_in_a_fresh_process_one_after_another(exported, tmp_path):
     torch.testing.assert_close(a.anomaly_maps, b.anomaly_maps)
     eager = Predictor(Discriminator.from_pretrained(exported["model"]), device="cpu")(images)
     assert (a.anomaly_maps - eager.anomaly_maps).abs().max() <= ATOL
+
+
+def test_a_memory_backbone_exports_with_the_memory(tmp_path):
+    """With `memory_backbone` the graph holds two backbones; the memory's distance must read the second."""
+    config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot"], width=16, image_size=SIZE,
+                                 backbone={"name": "efficientnet_lite2", "pretrained": False},
+                                 memory_backbone={"name": "efficientnet_lite0", "pretrained": False},
+                                 detection_head="knn", self_similarity=True, exposure_match=True, image_top_k=20)
+    model = Discriminator(config).eval()
+    normals = list(textured_images(2, seed=1, defects=False))
+    model.set_exposure_reference(normals)
+    model.build_memory(normals)
+    model.save_pretrained(tmp_path / "model")
+    images = textured_images(3, seed=2, defects=True)
+    ours = load_inferencer(tmp_path / "model", device="cpu")(images)
+    theirs = load_inferencer(export_model(tmp_path / "model", "onnx"))(images)
+    assert float((ours.anomaly_maps - theirs.anomaly_maps).abs().max()) <= ATOL
+    assert float((ours.scores - theirs.scores).abs().max()) <= ATOL
