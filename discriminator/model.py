@@ -168,6 +168,9 @@ class DiscriminatorConfig:
         if self.evidence_branch and self.detection_head != "knn":
             raise InputError(f"evidence_branch needs the knn detection head (the only one that reads the "
                              f"learned evidence), got {self.detection_head!r}", path)
+        if self.memory_backbone is not None and not issubclass(DETECTION_HEADS[self.detection_head], NormalMemoryHead):
+            raise InputError(f"memory_backbone needs a detection head with a normal-shot memory, got "
+                             f"{self.detection_head!r}", path)
         for name in ("learned_weight", "image_evidence_weight", "defect_image_weight"):
             if not 0.0 <= float(getattr(self, name)) <= 10.0:
                 raise InputError(f"{name} must be in [0, 10], got {getattr(self, name)}", path)
@@ -580,9 +583,8 @@ class Discriminator(nn.Module):
         features, fused, class_logits = self.embed_and_type(images)
         evidence = self.evidence_logits(features, class_logits)
         size = images.shape[-2:]
-        memory_features = self.memory_features(images, features) if self.memory is not None else features
-        detection = F.interpolate(self.detection_head(fused, evidence, memory_features), size=size, mode="bilinear",
-                                  align_corners=False)
+        detection = F.interpolate(self.detection_head(fused, evidence, self.memory_features(images, features)),
+                                  size=size, mode="bilinear", align_corners=False)
         return DiscriminatorOutput(
             class_logits=F.interpolate(class_logits, size=size, mode="bilinear", align_corners=False),
             detection_logits=detection[:, :1],

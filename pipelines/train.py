@@ -31,7 +31,7 @@ def model_config(params: Params, category: str, class_names: list[str], anomaly_
         category=category,
         class_names=list(class_names),
         backbone=backbone,
-        memory_backbone=normalise_spec(train.memory_backbone) if train.memory_backbone else None,
+        memory_backbone=train.memory_backbone,  # DiscriminatorConfig normalises it
         width=train.width,
         memory_strides=list(train.memory_strides),
         memory_fraction=train.memory_fraction,

@@ -197,7 +197,7 @@ def test_exports_in_a_fresh_process_one_after_another(exported, tmp_path):
 
 
 def test_a_memory_backbone_exports_with_the_memory(tmp_path):
-    """With `memory_backbone` the graph holds two backbones; the memory's distance must read the second."""
+    """With `memory_backbone` the exported graph holds both backbones and gives PyTorch's maps and scores."""
     config = DiscriminatorConfig(category="tile", class_names=["scratch", "spot"], width=16, image_size=SIZE,
                                  backbone={"name": "efficientnet_lite2", "pretrained": False},
                                  memory_backbone={"name": "efficientnet_lite0", "pretrained": False},

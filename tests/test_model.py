@@ -191,6 +191,8 @@ def test_memory_backbone_feeds_the_memory_alone_and_round_trips(tmp_path):
     loaded = Discriminator.from_pretrained(tmp_path / "ckpt")
     assert loaded.config.memory_backbone == RANDOM_LITE0
     assert_same_outputs(model, loaded)
+    with pytest.raises(InputError, match="memory_backbone needs a detection head with a normal-shot memory"):
+        make_config(memory_backbone=RANDOM_LITE0, detection_head="conv")
 
 
 def test_conv_detection_head_and_level_subset():
